@@ -1,0 +1,1 @@
+"""scaling: large-batch scaling studies in JAX."""
