@@ -1,0 +1,110 @@
+"""Loading stage: a data set name -> uint8 numpy arrays, the validation split held out of train.
+
+'mnist', 'fashion_mnist' and 'mnist_tiny' are prepared offline on first use by the project's own
+TFDS builders (scaling/tfds_builders.py); 'digits' is scikit-learn's bundled 8x8 set; any other name
+must already be prepared in the TFDS data dir, since no machine here can download a data set.
+"""
+import dataclasses
+import fcntl
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from scaling import tfds_builders
+
+_BUILDERS = {
+    "mnist": tfds_builders.ScalingMnist,
+    "fashion_mnist": tfds_builders.ScalingFashionMnist,
+    "mnist_tiny": tfds_builders.ScalingMnistTiny,
+}
+_DIGITS_TEST_SIZE = 297  # 1,797 = 1,500 train + 297 test.
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  train_images: np.ndarray  # uint8 [N, H, W, C]: official train split minus the validation part.
+  train_labels: np.ndarray  # int32 [N]
+  valid_images: np.ndarray  # uint8
+  valid_labels: np.ndarray  # int32
+  test_images: np.ndarray  # uint8
+  test_labels: np.ndarray  # int32
+  num_classes: int
+  pixel_scale: float  # uint8 pixels * pixel_scale are floats in [0, 1].
+  name: str
+
+
+def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
+         train_size: int | None = None) -> Splits:
+  """Loads `name`, holding out the LAST `validation_size` examples of the official train split.
+
+  Shallue et al. hold out 5k of MNIST's 60k. `train_size` keeps only the first `train_size` of the
+  remaining train examples (for quick runs). The data dir is `data_dir`, else $TFDS_DATA_DIR, else
+  TFDS's default (~/tensorflow_datasets).
+  """
+  if name == "digits":
+    (images, labels), (test_images, test_labels) = _digits()
+    num_classes, pixel_scale = 10, 1 / 16
+  else:
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+    builder = _prepared_builder(name, data_dir)
+    images, labels = _read_split(builder, "train")
+    test_images, test_labels = _read_split(builder, "test")
+    num_classes, pixel_scale = builder.info.features["label"].num_classes, 1 / 255
+
+  num_train = len(labels)
+  if not 0 <= validation_size < num_train:
+    raise ValueError(f"dataset.validation_size={validation_size} must be >= 0 and less than the "
+                     f"{num_train} train examples of {name!r}")
+  cut = num_train - validation_size
+  if train_size is not None and not 0 < train_size <= cut:
+    raise ValueError(f"dataset.train_size={train_size} must be in [1, {cut}]: {name!r} has {cut} "
+                     f"train examples left after holding out {validation_size}")
+  keep = cut if train_size is None else train_size
+  return Splits(
+      train_images=images[:keep], train_labels=labels[:keep].astype(np.int32),
+      valid_images=images[cut:], valid_labels=labels[cut:].astype(np.int32),
+      test_images=test_images, test_labels=test_labels.astype(np.int32),
+      num_classes=num_classes, pixel_scale=pixel_scale, name=name)
+
+
+def _digits():
+  from sklearn.datasets import load_digits  # Imported here: only this data set needs scikit-learn.
+  digits = load_digits()
+  images = digits.images.astype(np.uint8)[..., None]  # Pixel values 0..16, kept as they are.
+  labels = digits.target
+  cut = len(labels) - _DIGITS_TEST_SIZE
+  return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
+def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  if name in _BUILDERS:
+    builder = _BUILDERS[name](data_dir=data_dir)
+    if not builder.is_prepared():
+      # Trials started together (a Slurm array) would all prepare, and all but one fail on TFDS's
+      # final rename: one prepares while the others wait, then they reuse its result.
+      os.makedirs(data_dir, exist_ok=True)
+      with open(os.path.join(data_dir, f".{builder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = _BUILDERS[name](data_dir=data_dir)  # Sees data prepared while we waited.
+        builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+    return builder
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    builder = None
+  if builder is None or not builder.is_prepared():
+    raise FileNotFoundError(
+        f"data set {name!r} is not prepared in {data_dir} and this machine cannot download it: "
+        f"use one of {['digits', *_BUILDERS]}, or prepare it with TFDS elsewhere and copy it there")
+  return builder
+
+
+def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  if isinstance(builder, tfds_builders.IdxBuilder):
+    return builder.read_arrays(split)
+  source = builder.as_data_source(split)
+  examples = source.__getitems__(range(len(source)))  # One batched read: per-index is ~10x slower.
+  images = np.stack([example["image"] for example in examples])
+  labels = np.array([example["label"] for example in examples], np.int32)
+  return images, labels
