@@ -1,0 +1,374 @@
+"""PNG figures for scaling/report.py. Object-oriented matplotlib on the Agg canvas: no pyplot, so
+writing a report never changes a notebook's backend. Each plot function takes
+(path, trials, best_rows, fits), writes `path` and returns None, or returns why it was skipped.
+"""
+import numpy as np
+from matplotlib import cm, colors, ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, NullLocator
+
+BATCH_LABEL = "batch size B (examples per step)"
+SGD_FAMILY = ("sgd", "momentum", "nesterov", "heavy_ball")
+
+
+def _figure(w, h):
+  fig = Figure(figsize=(w, h), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path):
+  fig.savefig(path, dpi=110)
+
+
+def _thin(x, y, n=400):
+  """At most ~n points, evenly spaced on a log axis: Agg draws 10k-point noisy lines slowly."""
+  if len(x) <= n:
+    return x, y
+  idx = np.unique(np.geomspace(1, len(x), n).astype(int) - 1)
+  return x[idx], y[idx]
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+  """'300', '0.02', '1e+05' rather than mathtext 3x10^2: shorter labels that do not collide."""
+
+  def _num_to_string(self, x, vmin, vmax):
+    return f"{x:g}"
+
+
+def _log(ax, x=True, y=True):
+  """Log scales where the axis holds positive data (else matplotlib raises); a note if empty.
+  Over few decades, 2x and 5x ticks are labelled too; over many, only the decades."""
+  lim = ax.dataLim
+  for axis, set_scale, on, lo, hi in ((ax.xaxis, ax.set_xscale, x, lim.minposx, lim.x1),
+                                      (ax.yaxis, ax.set_yscale, y, lim.minposy, lim.y1)):
+    if not (on and np.isfinite(lo)):
+      continue
+    set_scale("log")
+    axis.set_major_formatter(_PlainLogFormatter())
+    if hi / lo < 10**2.5:
+      axis.set_minor_locator(ticker.LogLocator(subs=(2.0, 3.0, 5.0) if hi / lo < 10 else (2.0, 5.0)))
+      axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False,
+                                                  minor_thresholds=(np.inf, np.inf)))
+    else:
+      axis.set_minor_formatter(ticker.NullFormatter())
+  if not ax.lines:
+    ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.5")
+
+
+def _group_colours(groups):
+  return {g: cm.tab10(i % 10) for i, g in enumerate(sorted(set(groups)))}
+
+
+def _batch_axis(ax, batch_sizes):
+  """Log2 x axis with a tick at every batch size in the sweep."""
+  ax.set_xscale("log", base=2)
+  bs = sorted(set(int(b) for b in batch_sizes if b > 0))
+  if bs:
+    step = max(1, len(bs) // 12)
+    ax.xaxis.set_major_locator(FixedLocator(bs[::step]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(b) for b in bs[::step]], rotation=45 if len(bs) > 8 else 0)
+  ax.set_xlabel(BATCH_LABEL)
+  ax.grid(True, which="major", alpha=0.3)
+
+
+def _target_text(trials):
+  return ", ".join(sorted({f"{t.target_metric} < {t.target_value:g}" for t in trials}))
+
+
+def _to_target(path, trials, best_rows, fits, quantity):
+  """Shallue et al. 2018 Fig. 1: best steps (or examples) to target vs batch size per group."""
+  key = f"{quantity}_to_target"
+  reached = [r for r in best_rows if r["outcome"] == "reached"]
+  if not reached:
+    return "no batch size has reached the target yet"
+  colours = _group_colours(r["group"] for r in best_rows)
+  top = 2.0 * max(r[key] for r in reached)
+  bottom = 0.7 * min(r[key] for r in reached)
+  fig = _figure(8, 5.5)
+  ax = fig.add_subplot()
+  for i, (group, c) in enumerate(colours.items()):
+    rows = [r for r in best_rows if r["group"] == group]
+    pts = [(r["batch_size"], r[key]) for r in rows if r["outcome"] == "reached"]
+    if pts:
+      b, y = np.array(pts, dtype=float).T
+      ax.plot(b, y, "o-", color=c, label=group)
+      bmax = max(r["batch_size"] for r in rows)
+      line_b = np.array([b[0], bmax])
+      line_y = y[0] * b[0] / line_b if quantity == "steps" else np.full(2, y[0])
+      ax.plot(line_b, line_y, "--", color=c, alpha=0.6, lw=1)
+      bottom = min(bottom, 0.7 * line_y[-1])
+    for kind, marker in (("not reached", "^"), ("diverged", "x"), ("pending", "s")):
+      b = [r["batch_size"] for r in rows if _top_marker(r) == kind]
+      ax.plot(b, [top * 1.12**i] * len(b), marker, ls="none", mfc="none", mew=1.5, ms=9, color=c)
+  ax.axhline(top / 1.12, color="0.6", lw=0.8)
+  _log(ax, x=False)
+  ax.set_ylim(bottom, top * 1.12 ** (len(colours) + 1))
+  _batch_axis(ax, [r["batch_size"] for r in best_rows])
+  what = "optimizer steps" if quantity == "steps" else "training examples"
+  ax.set_ylabel(f"{what} to target (best trial per B)")
+  ax.set_title(f"{what.capitalize()} to reach {_target_text(trials)}")
+  handles, _ = ax.get_legend_handles_labels()
+  handles += [Line2D([], [], ls="--", color="k", lw=1, label="perfect scaling (from smallest B)"),
+              Line2D([], [], marker="^", ls="none", mfc="none", color="k",
+                     label="never reached (above line)"),
+              Line2D([], [], marker="x", ls="none", color="k", label="all trials diverged"),
+              Line2D([], [], marker="s", ls="none", mfc="none", color="k",
+                     label="not yet reached, still running")]
+  ax.legend(handles=handles, fontsize=8, loc="best")
+  _save(fig, path)
+
+
+def _top_marker(row):
+  if row["outcome"] == "not reached" and row["n_diverged"] == row["n_trials"]:
+    return "diverged"
+  return row["outcome"]
+
+
+def steps_to_target(path, trials, best_rows, fits):
+  return _to_target(path, trials, best_rows, fits, "steps")
+
+
+def examples_to_target(path, trials, best_rows, fits):
+  return _to_target(path, trials, best_rows, fits, "examples")
+
+
+def critical_batch_fit(path, trials, best_rows, fits):
+  """Measured points with the fitted S = S_min (1 + B_crit/B) and E = E_min (1 + B/B_crit)."""
+  if not any(np.isfinite(f["b_crit"]) for f in fits):
+    return "no group has a critical-batch fit (" + "; ".join(
+        f"{f['group']}: {f['note']}" for f in fits) + ")"
+  colours = _group_colours(r["group"] for r in best_rows)
+  fig = _figure(13, 5)
+  axes = fig.subplots(1, 2)
+  for f in fits:
+    c = colours[f["group"]]
+    pts = [(r["batch_size"], r["steps_to_target"]) for r in best_rows
+           if r["group"] == f["group"] and r["outcome"] == "reached"]
+    if not pts:
+      continue
+    b, s = np.array(pts, dtype=float).T
+    axes[0].plot(b, s, "o", color=c)
+    axes[1].plot(b, s * b, "o", color=c)
+    if not np.isfinite(f["b_crit"]):
+      axes[0].plot([], [], "o", color=c, label=f"{f['group']}: no fit ({f['note']})")
+      continue
+    grid = np.geomspace(b.min() / 2, b.max() * 2, 200)
+    err = f"±{f['b_crit_err']:.2g}" if np.isfinite(f["b_crit_err"]) else ""
+    label = f"{f['group']}: B_crit={f['b_crit']:.3g}{err}, S_min={f['s_min']:.3g}"
+    axes[0].plot(grid, f["s_min"] * (1 + f["b_crit"] / grid), "-", color=c, label=label)
+    axes[1].plot(grid, f["e_min"] * (1 + grid / f["b_crit"]), "-", color=c,
+                 label=f"{f['group']}: E_min={f['e_min']:.3g}")
+    for ax in axes:
+      ax.axvline(f["b_crit"], color=c, ls=":", lw=1)
+  for ax, what in zip(axes, ("optimizer steps S", "training examples E = S·B")):
+    _log(ax, x=False)
+    _batch_axis(ax, [r["batch_size"] for r in best_rows])
+    ax.set_ylabel(f"{what} to target")
+    ax.legend(fontsize=8)
+  axes[0].set_title("Fit S = S_min (1 + B_crit / B)  (dotted: B_crit)")
+  axes[1].set_title("Same fit as E = E_min (1 + B / B_crit)")
+  _save(fig, path)
+
+
+def _colour_by_batch(trials):
+  bs = [t.batch_size for t in trials if t.batch_size > 0] or [1]
+  norm = colors.LogNorm(vmin=min(bs), vmax=max(max(bs), min(bs) * 2))
+  return cm.ScalarMappable(norm=norm, cmap="viridis")
+
+
+def _batch_colorbar(fig, sm, axes, trials):
+  cb = fig.colorbar(sm, ax=axes, label=BATCH_LABEL, shrink=0.9)
+  bs = sorted({t.batch_size for t in trials})
+  cb.set_ticks(bs[:: max(1, len(bs) // 10)])
+  cb.set_ticklabels([str(b) for b in bs[:: max(1, len(bs) // 10)]])
+  cb.minorticks_off()
+
+
+def noise_scale(path, trials, best_rows, fits):
+  """B_simple over training per trial, and its final/median per trial vs batch size vs B_crit."""
+  data = [(t, t.series("noise/b_simple")) for t in trials]
+  data = [(t, s) for t, s in data if np.isfinite(s[2]).any()]
+  if not data:
+    return "no noise/b_simple in any metrics.jsonl"
+  colours = _group_colours(t.group for t in trials)
+  sm = _colour_by_batch(trials)
+  fig = _figure(14, 5.5)
+  ax0, ax1 = fig.subplots(1, 2)
+  for t, (_, ex, v) in data:
+    ax0.plot(*_thin(ex, v), color=sm.to_rgba(t.batch_size), lw=1, alpha=0.8)
+  _log(ax0)
+  ax0.set(xlabel="training examples seen",
+          ylabel="B_simple = tr Σ / |G|² (examples)", title="Gradient noise scale over training")
+  ax0.grid(True, alpha=0.3)
+  _batch_colorbar(fig, sm, ax0, trials)
+  for t, (_, _, v) in data:
+    v = v[np.isfinite(v)]
+    c = colours[t.group]
+    ax1.plot(t.batch_size, v[-1], "o", color=c)
+    ax1.plot(t.batch_size, np.median(v), "o", mfc="none", color=c)
+  for f in fits:
+    if np.isfinite(f["b_crit"]):
+      ax1.axhline(f["b_crit"], color=colours[f["group"]], ls="--", lw=1)
+  bs = [t.batch_size for t in trials]
+  ax1.plot([min(bs), max(bs)], [min(bs), max(bs)], ":", color="0.5")
+  _log(ax1, x=False)
+  _batch_axis(ax1, bs)
+  ax1.set_ylabel("B_simple (examples)")
+  ax1.set_title("B_simple per trial vs fitted B_crit")
+  handles = [Line2D([], [], marker="o", ls="none", color=c, label=g) for g, c in colours.items()]
+  handles += [Line2D([], [], marker="o", ls="none", color="k", label="final B_simple"),
+              Line2D([], [], marker="o", ls="none", mfc="none", color="k", label="median over training"),
+              Line2D([], [], ls="--", color="k", label="fitted B_crit (per group)"),
+              Line2D([], [], ls=":", color="0.5", label="B_simple = B")]
+  ax1.legend(handles=handles, fontsize=8)
+  _save(fig, path)
+
+
+def _final_vs_batch(path, trials, panels, title):
+  """Panels of final values vs batch size: dots per trial, line through the mean per B."""
+  ok = [t for t in trials if t.status != "diverged"]
+  panels = [(k, label, log) for k, label, log in panels
+            if any(_final(t, k) is not None for t in ok)]
+  if not panels:
+    return "no trial (that did not diverge) has these metrics"
+  colours = _group_colours(t.group for t in trials)
+  fig = _figure(5.2 * len(panels), 4.8)
+  axes = np.atleast_1d(fig.subplots(1, len(panels)))
+  for ax, (key, label, log) in zip(axes, panels):
+    for group, c in colours.items():
+      pts = [(t.batch_size, _final(t, key)) for t in ok if t.group == group]
+      pts = np.array([p for p in pts if p[1] is not None and np.isfinite(p[1])], dtype=float)
+      if not len(pts):
+        continue
+      ax.plot(pts[:, 0], pts[:, 1], ".", color=c, alpha=0.5)
+      bs = np.unique(pts[:, 0])
+      ax.plot(bs, [pts[pts[:, 0] == b, 1].mean() for b in bs], "-", color=c, label=group)
+    if log and all((_final(t, key) or 1) > 0 for t in ok):
+      _log(ax, x=False)
+    _batch_axis(ax, [t.batch_size for t in trials])
+    ax.set_ylabel(label)
+    ax.legend(fontsize=8)
+  n_div = len(trials) - len(ok)
+  fig.suptitle(title + (f" ({n_div} diverged trials not shown)" if n_div else "")
+               + "; dots: trials, lines: mean per batch size")
+  _save(fig, path)
+
+
+def _final(t, key):
+  return t.gap if key == "gap" else t.final.get(key)
+
+
+def errors_vs_batch(path, trials, best_rows, fits):
+  return _final_vs_batch(path, trials, [
+      ("valid/error", "final validation error (fraction)", True),
+      ("test/error", "final test error (fraction)", True),
+      ("gap", "generalization gap: test − train error", False)],
+      "Final error and generalization gap vs batch size")
+
+
+def curvature_vs_batch(path, trials, best_rows, fits):
+  return _final_vs_batch(path, trials, [
+      ("curvature/hessian_trace", "Hessian trace (final)", True),
+      ("curvature/top_eigenvalue", "top Hessian eigenvalue λ_max (final)", True),
+      ("curvature/sharpness", "ε-sharpness (Keskar et al., %)", True)],
+      "Curvature at the end of training vs batch size")
+
+
+def _stability_threshold(t, lr):
+  """2/lr for plain SGD (Cohen et al. 2021); (2+2β)/lr with heavy-ball momentum β and
+  (2+2β)/((1+2β) lr) with Nesterov momentum."""
+  name, beta = t.optimizer.lower(), t.config.get("optimizer", {}).get("momentum")
+  beta = float(beta) if isinstance(beta, (int, float)) and name != "sgd" else 0.0
+  factor = (2 + 2 * beta) / (1 + 2 * beta if "nesterov" in name else 1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(lr > 0, factor / lr, np.nan), factor
+
+
+def edge_of_stability(path, trials, best_rows, fits):
+  """Top eigenvalue over training with the stability threshold, one panel per SGD-family group."""
+  data = [t for t in trials if np.isfinite(t.series("curvature/top_eigenvalue")[2]).any()]
+  if not data:
+    return "no curvature/top_eigenvalue in any metrics.jsonl"
+  data = [t for t in data if any(s in t.optimizer.lower() for s in SGD_FAMILY)]
+  if not data:
+    return "top eigenvalues only for non-SGD optimizers (no 2/lr threshold applies)"
+  groups = sorted({t.group for t in data})
+  sm = _colour_by_batch(trials)
+  fig = _figure(6 * len(groups) + 1, 5)
+  axes = np.atleast_1d(fig.subplots(1, len(groups)))
+  for ax, group in zip(axes, groups):
+    factors = set()
+    for t in (t for t in data if t.group == group):
+      c = sm.to_rgba(t.batch_size)
+      st, _, lam = t.series("curvature/top_eigenvalue")
+      ax.plot(*_thin(st, lam), "o-", color=c, ms=3, lw=1.2)
+      lst, _, lr = t.series("lr")
+      if not len(lr):
+        lst, lr = np.array([max(st.min(), 1), max(st.max(), 1)]), np.full(2, t.lr)
+      thr, factor = _stability_threshold(t, lr)
+      factors.add(f"{factor:g}")
+      ax.plot(*_thin(lst, thr), "--", color=c, lw=1)
+    _log(ax)
+    ax.set(xlabel="optimizer step", ylabel="λ_max of the loss Hessian",
+           title=f"{group}: λ_max (solid) vs {'/'.join(sorted(factors))}/lr (dashed)")
+    ax.grid(True, alpha=0.3)
+  _batch_colorbar(fig, sm, axes, trials)
+  fig.suptitle("Edge of stability: top Hessian eigenvalue against the SGD stability threshold")
+  _save(fig, path)
+
+
+def training_curves(path, trials, best_rows, fits):
+  """Train loss and validation error vs steps and vs examples; a row per group."""
+  cols = [("train/loss", "step", "train loss"), ("train/loss", "examples", "train loss"),
+          ("valid/error", "step", "validation error"), ("valid/error", "examples", "validation error")]
+  if not any(len(t.series(k)[2]) for t in trials for k in ("train/loss", "valid/error")):
+    return "no train/loss or valid/error records yet"
+  groups = sorted({t.group for t in trials if t.records})
+  sm = _colour_by_batch(trials)
+  fig = _figure(18, 3.6 * len(groups) + 0.6)
+  axes = np.array(fig.subplots(len(groups), 4, squeeze=False))
+  targets = {t.target_value for t in trials if t.target_metric == "valid/error"}
+  for row, group in zip(axes, groups):
+    for ax, (key, xkey, ylabel) in zip(row, cols):
+      for t in (t for t in trials if t.group == group):
+        st, ex, v = t.series(key)
+        x = st if xkey == "step" else ex
+        c = sm.to_rgba(t.batch_size)
+        ax.plot(*_thin(x, v), color=c, lw=1, alpha=0.85)
+        if t.status == "diverged":
+          fin = np.isfinite(v)
+          xd = x[fin][-1] if fin.any() else (x[-1] if len(x) else None)
+          yd = v[fin][-1] if fin.any() else np.nan
+          if xd is not None and np.isfinite(yd):
+            ax.plot(xd, yd, "x", color="red", ms=9, mew=2)
+      if key == "valid/error":
+        for tv in targets:
+          ax.axhline(tv, color="k", ls=":", lw=1)
+      _log(ax)
+      ax.set(ylabel=ylabel,
+             xlabel="optimizer steps" if xkey == "step" else "training examples seen",
+             title=f"{group}: {ylabel} vs {'steps' if xkey == 'step' else 'examples'}")
+      ax.grid(True, alpha=0.3)
+  _batch_colorbar(fig, sm, axes, trials)
+  fig.suptitle("Training curves (colour: batch size; red x: diverged, last finite value; "
+               "dotted: target)")
+  _save(fig, path)
+
+
+# (file name, title, function): the order of the images in index.html.
+PLOTS = [
+    ("steps_to_target.png", "Steps to target vs batch size", steps_to_target),
+    ("examples_to_target.png", "Examples to target vs batch size", examples_to_target),
+    ("critical_batch_fit.png", "Critical batch size: fit of S = S_min (1 + B_crit/B)",
+     critical_batch_fit),
+    ("noise_scale.png", "Gradient noise scale B_simple vs fitted B_crit", noise_scale),
+    ("errors_vs_batch.png", "Final error and generalization gap vs batch size", errors_vs_batch),
+    ("curvature_vs_batch.png", "Hessian trace, top eigenvalue, sharpness vs batch size",
+     curvature_vs_batch),
+    ("edge_of_stability.png", "Top eigenvalue over training vs 2/lr", edge_of_stability),
+    ("training_curves.png", "Training curves", training_curves),
+]
