@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a trial: the train state plus the loop's bookkeeping, resumed exactly.
+
+A checkpoint at step S holds params, optimizer state, BatchNorm statistics and the step (the data
+order and every RNG are pure functions of (seed, step), so the step *is* the data position and the
+RNG state), plus a JSON record of the loop's bookkeeping (target reached?, best errors, noise-scale
+moving averages, elapsed time). Orbax writes each step into a temporary directory and renames it
+when complete, so a kill mid-save never leaves a half-written checkpoint that looks finished; a
+latest checkpoint that is damaged anyway (truncated file, missing metadata) is reported in one
+warning line and the one before it is used.
+"""
+import os
+import time
+import warnings
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, keep: int, asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=asynchronous)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.last_save_seconds = 0.0
+    self.last_restore_seconds = 0.0
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, bookkeeping: dict) -> None:
+    """Starts an (asynchronous) save; the previous one is finished first by Orbax."""
+    start = time.perf_counter()
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), bookkeeping=ocp.args.JsonSave(bookkeeping)),
+        force=True)
+    self.last_save_seconds = time.perf_counter() - start
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state):
+    """(step, state, bookkeeping) from the newest usable checkpoint, or None if there is none.
+
+    `abstract_state` gives shapes, dtypes and shardings: restoring into it keeps optax's
+    namedtuples and puts the arrays straight onto this run's mesh (any device count).
+    """
+    for step in reversed(self.steps()):
+      start = time.perf_counter()
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), bookkeeping=ocp.args.JsonRestore()))
+        state = restored["state"]
+        jax.block_until_ready(state)
+      except Exception as error:  # a damaged checkpoint must not cost the run: fall back
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(f"checkpoint at step {step} in {self.directory} is unusable ({first_line});"
+                      " trying the previous one", stacklevel=2)
+        continue
+      self.last_restore_seconds = time.perf_counter() - start
+      return step, state, dict(restored["bookkeeping"])
+    if self.steps():
+      warnings.warn(f"no usable checkpoint in {self.directory}: restarting the trial from scratch",
+                    stacklevel=2)
+    return None
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

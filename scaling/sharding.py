@@ -1,0 +1,61 @@
+"""The one module that builds meshes and shardings: the batch on `data`, everything else replicated.
+
+A global array is assembled from what each process holds (`make_array_from_callback`), so the same
+code runs on one CPU, on 8 fake CPU devices, and on several hosts under `jax.distributed`.
+"""
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from scaling.config import ConfigError
+
+DATA = "data"
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all of them by default)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ConfigError(f"num_devices={num_devices} but only {len(devices)} devices are visible:"
+                        f" use num_devices <= {len(devices)} (0 = all)")
+    devices = devices[:num_devices]
+  # Auto axes: shardings are constraints that XLA propagates (the classic pjit path).
+  return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over `data`."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def _put(tree, sharding: NamedSharding):
+  """Host numpy (identical on every process) -> global arrays; each device takes its own part."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+      tree)
+
+
+def put_replicated(tree, mesh: Mesh):
+  return _put(tree, replicated(mesh))
+
+
+def put_eval(tree, mesh: Mesh):
+  """[chunks, examples, ...] eval arrays: each chunk's examples split over `data`."""
+  return _put(tree, NamedSharding(mesh, P(None, DATA)))
+
+
+def constrain_batch(x, mesh: Mesh):
+  return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
+
+
+def to_host(tree):
+  """Global arrays -> numpy on this process (replicated or fully gathered values)."""
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,228 @@
+"""A config's sweep -> trials with stable ids -> one directory each; sweep.csv over all of them.
+
+`config.sweep` mirrors the config's own structure and every leaf is a tuple of values: a grid axis
+(`sweep.batch_size = (64, 512)`, `sweep.optimizer.name = ("momentum", "adam")`). `config.sweep_zip`
+holds axes of equal length that vary together as one axis (a base_lr per batch size). Trials are
+the product of the axes in the order written, first axis slowest, so index N names the same trial
+every time the same config is expanded: a Slurm array task runs `--trial=$SLURM_ARRAY_TASK_ID`.
+A config without axes is one trial, written straight into the workdir.
+"""
+import csv
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+
+import jax
+
+from scaling import schedule, sharding, train
+from scaling.config import ConfigError
+
+FINISHED = ("done", "diverged")
+SHORT_NAMES = {"batch_size": "bs"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  index: int
+  id: str
+  overrides: dict        # dotted field -> value
+  config: object         # the trial's full ConfigDict
+  directory: str
+
+
+def _leaves(tree, prefix=""):
+  """Nested dict -> [(dotted key, value)] in insertion order."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _axes(config, field: str) -> list[tuple[str, tuple]]:
+  axes = []
+  for key, values in _leaves(config[field].to_dict()):
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values:
+      raise ConfigError(f"{field}.{key} is an empty axis: give at least one value")
+    axes.append((key, values))
+  return axes
+
+
+def _format(value) -> str:
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def trial_id(overrides: dict) -> str:
+  return ",".join(f"{SHORT_NAMES.get(k, k)}={_format(v)}" for k, v in overrides.items())
+
+
+def _override(config, key: str, value):
+  """Sets a dotted field on a copy; unknown fields and wrong types fail naming the sweep axis."""
+  node = config
+  *parents, leaf = key.split(".")
+  try:
+    for name in parents:
+      node = node[name]
+    if leaf not in node or isinstance(node[leaf], dict) or hasattr(node[leaf], "to_dict"):
+      raise KeyError(leaf)
+    node[leaf] = value
+  except (KeyError, AttributeError):
+    raise ConfigError(f"sweep axis {key!r} is not a config field: use one of the config's dotted"
+                      " field names (e.g. batch_size, base_lr, optimizer.name)") from None
+  except TypeError as error:
+    raise ConfigError(f"sweep axis {key!r} value {value!r} has the wrong type: {error}") from None
+
+
+def expand(config, workdir: str) -> list[Trial]:
+  grid = _axes(config, "sweep")
+  zipped = _axes(config, "sweep_zip")
+  if zipped and len({len(v) for _, v in zipped}) > 1:
+    lengths = {k: len(v) for k, v in zipped}
+    raise ConfigError(f"sweep_zip axes must have equal lengths, got {lengths}")
+  clash = {k for k, _ in grid} & {k for k, _ in zipped}
+  if clash:
+    raise ConfigError(f"{sorted(clash)[0]} is both in sweep and sweep_zip: keep it in one")
+  axes = [[((k, v),) for v in values] for k, values in grid]
+  if zipped:
+    axes.append([tuple((k, values[i]) for k, values in zipped) for i in range(len(zipped[0][1]))])
+  trials = []
+  for index, combo in enumerate(itertools.product(*axes)):
+    overrides = dict(pair for group in combo for pair in group)
+    trial_config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+      _override(trial_config, key, value)
+    tid = trial_id(overrides) if axes else "trial"
+    with trial_config.unlocked():
+      trial_config.trial_id = tid
+      trial_config.sweep_axes = dict(overrides)
+    directory = os.path.join(workdir, "trials", tid) if axes else workdir
+    trials.append(Trial(index, tid, overrides, trial_config, directory))
+  return trials
+
+
+def validate(trials: list[Trial], num_train: int, num_devices: int) -> list[schedule.Plan]:
+  """Every config error of every trial, before any training starts."""
+  plans = []
+  for trial in trials:
+    try:
+      plans.append(train.check_config(trial.config, num_train, num_devices))
+    except ConfigError as error:
+      prefix = f"trial {trial.index} ({trial.id}): " if trial.overrides else ""
+      raise ConfigError(prefix + str(error)) from None
+  return plans
+
+
+def select(trials: list[Trial], trial: str) -> list[Trial]:
+  """--trial=N (index, e.g. $SLURM_ARRAY_TASK_ID) or --trial=ID."""
+  for t in trials:
+    if trial == str(t.index) or trial == t.id:
+      return [t]
+  raise ConfigError(f"--trial={trial} matches no trial: use an index 0..{len(trials) - 1}"
+                    " or an id from --list_trials")
+
+
+def read_summary(directory: str) -> dict | None:
+  try:
+    with open(os.path.join(directory, "summary.json")) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+class TrialLock:
+  """An exclusive lock per trial directory: two processes never train the same trial at once."""
+
+  def __init__(self, directory: str):
+    os.makedirs(directory, exist_ok=True)
+    self._file = open(os.path.join(directory, ".lock"), "w")
+
+  def acquire(self) -> bool:
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      return False
+
+  def release(self) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+CSV_COLUMNS = ("index", "id", "batch_size", "lr_rule", "base_lr", "lr", "seed", "optimizer",
+               "status", "steps_to_target", "examples_to_target", "best_valid_error",
+               "final_valid_error", "best_test_error", "final_test_error", "final_train_loss",
+               "wall_time")
+
+
+def csv_row(trial: Trial, plan: schedule.Plan, summary: dict | None) -> dict:
+  c, s = trial.config, summary or {}
+  final, best, target = s.get("final", {}), s.get("best", {}), s.get("target", {})
+  return {
+      "index": trial.index, "id": trial.id, "batch_size": c.batch_size, "lr_rule": c.lr_rule,
+      "base_lr": c.base_lr, "lr": plan.lr, "seed": c.seed, "optimizer": c.optimizer.name,
+      "status": s.get("status", "pending"), "steps_to_target": target.get("step"),
+      "examples_to_target": target.get("examples"),
+      "best_valid_error": best.get("valid/error"), "final_valid_error": final.get("valid/error"),
+      "best_test_error": best.get("test/error"), "final_test_error": final.get("test/error"),
+      "final_train_loss": final.get("train/loss"), "wall_time": s.get("wall_time"),
+  }
+
+
+def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> None:
+  """Rewritten from every trial's summary.json (atomic rename): readable mid-sweep, and safe
+  when several processes run different trials of the same sweep."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "sweep.csv")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    for trial, plan in zip(trials, plans):
+      writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
+  os.replace(tmp, path)
+
+
+def main(config, workdir: str, trial: str | None = None, list_only: bool = False) -> list[dict]:
+  """Expands, validates, then runs the selected trials in order; returns their summaries."""
+  trials = expand(config, workdir)
+  mesh = sharding.make_mesh(config.num_devices)
+  num_train = len(train.load_data(config.dataset).train_labels)
+  plans = validate(trials, num_train, mesh.size)
+  if list_only:
+    print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")
+    for t, p in zip(trials, plans):
+      print(f"{t.index:>5}  {t.config.batch_size:>6}  {p.lr:>10.4g}  {p.warmup_steps:>6}  "
+            f"{p.total_steps:>7}  {t.id}")
+    return []
+  chosen = select(trials, trial) if trial is not None else trials
+  os.makedirs(workdir, exist_ok=True)
+  if trials[0].overrides:
+    train.write_json(os.path.join(workdir, "sweep.json"), {
+        "config": json.loads(config.to_json_best_effort()),
+        "axes": {k: list(v) for k, v in _axes(config, "sweep")},
+        "zipped_axes": {k: list(v) for k, v in _axes(config, "sweep_zip")},
+        "trials": [{"index": t.index, "id": t.id, "directory": os.path.relpath(t.directory, workdir)}
+                   for t in trials]})
+  summaries = []
+  for t in chosen:
+    summary = read_summary(t.directory)
+    if summary and summary.get("status") in FINISHED:
+      print(f"[{t.index}] {t.id}: already {summary['status']}, skipped", flush=True)
+      summaries.append(summary)
+      continue
+    lock = TrialLock(t.directory)
+    if not lock.acquire():
+      print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
+      continue
+    try:
+      print(f"[{t.index}] {t.id}: training", flush=True)
+      summaries.append(train.run(t.config, t.directory))
+    finally:
+      lock.release()
+      write_csv(workdir, trials, plans)
+  write_csv(workdir, trials, plans)
+  return summaries

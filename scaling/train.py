@@ -1,0 +1,402 @@
+"""One trial: config -> data -> model -> jitted step loop -> metrics -> checkpoints -> summary.json.
+
+`run(config, workdir)` is the whole trial. The training data live on the devices (replicated; they
+are small), each epoch's order is a device-side permutation from (seed, epoch), and `chunk_steps`
+steps run per dispatch under one `lax.scan`, so Python overhead does not dominate small batches.
+Per-step metrics stay on the device until the next evaluation, so dispatch never waits for them.
+`chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
+unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
+"""
+import functools
+import json
+import math
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling import checkpoint, data, models, schedule, sharding, step as steplib
+from scaling import metrics as metrics_lib
+from scaling.config import ConfigError
+
+
+def epoch_order(data_key, epoch, num_examples):
+  """The example order of one epoch: a pure function of (seed, epoch), so a resume replays it."""
+  return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
+def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size, steps_per_epoch,
+                pixel_scale, step_fn, shard_batch, unroll):
+  """`num_steps` training steps in one scan; batches are gathered on the devices."""
+  n = labels_N.shape[0]
+
+  def body(carry, _):
+    state, order_N = carry
+    pos = state.step % steps_per_epoch
+    order_N = jax.lax.cond(pos == 0, lambda: epoch_order(data_key, state.step // steps_per_epoch, n),
+                           lambda: order_N)
+    # Each device gathers only its own slice of the batch.
+    idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
+    images_BxX = images_NxX[idx_B].astype(jnp.float32) * pixel_scale
+    state, metrics = step_fn(state, images_BxX, labels_N[idx_B])
+    return (state, order_N), metrics
+
+  first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
+  (state, _), metrics_K = jax.lax.scan(body, (state, first_order), None, length=num_steps,
+                                       unroll=unroll)
+  return state, metrics_K
+
+
+def _padded_eval_set(images, labels, eval_batch, mesh):
+  """[N, ...] -> [M, E, ...] chunks padded with masked-out examples, sharded on E."""
+  n = len(labels)
+  eval_batch = min(eval_batch, math.ceil(n / mesh.size) * mesh.size)  # small sets: little padding
+  m = max(1, math.ceil(n / eval_batch))
+  pad = m * eval_batch - n
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  chunked = (images.reshape(m, eval_batch, *images.shape[1:]), labels.reshape(m, eval_batch),
+             mask.reshape(m, eval_batch))
+  return sharding.put_eval(chunked, mesh)
+
+
+def load_data(dataset) -> data.Splits:
+  try:
+    return data.load(dataset.name, data_dir=dataset.data_dir or None,
+                     validation_size=dataset.validation_size, train_size=dataset.train_size or None)
+  except (ValueError, FileNotFoundError) as error:  # data.load's errors name the field already
+    raise ConfigError(str(error)) from None
+
+
+def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
+  """Every check that needs no training, so that a sweep fails before its first trial starts."""
+  if config.batch_size % num_devices:
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices}"
+                      f" devices: use a multiple of {num_devices}")
+  if config.grad_groups % num_devices or config.batch_size % config.grad_groups:
+    raise ConfigError(f"grad_groups={config.grad_groups} must be a multiple of the {num_devices}"
+                      f" devices and divide batch_size={config.batch_size}")
+  if config.chunk_steps < 1:
+    raise ConfigError(f"chunk_steps={config.chunk_steps} must be >= 1")
+  plan = schedule.make_plan(config, num_train)
+  steplib.make_optimizer(config.optimizer, 0.1)
+  models.build(config.model, 10)
+  return plan
+
+
+def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: int) -> dict:
+  resolved = json.loads(config.to_json_best_effort())
+  resolved["derived"] = {**vars(plan), "num_devices": num_devices, "num_params": num_params,
+                         "lr_rule_power": plan.lr_power}
+  return resolved
+
+
+def write_json(path: str, obj) -> None:
+  """Atomic: a reader (the report, a resuming run) never sees half a file."""
+  if jax.process_index() != 0:
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def target_reached(value: float, target_value: float) -> bool:
+  return math.isfinite(value) and value < target_value   # Shallue et al.: strictly better
+
+
+def run(config, workdir: str) -> dict:
+  """Trains one trial in `workdir`; returns the summary written to summary.json."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.num_devices)
+  splits = load_data(config.dataset)
+  num_train = len(splits.train_labels)
+  plan = check_config(config, num_train, mesh.size)
+  model = models.build(config.model, splits.num_classes)
+  lr_fn = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction)
+  optimizer = steplib.make_optimizer(config.optimizer, lr_fn)
+
+  image_shape = splits.train_images.shape[1:]
+  init = functools.partial(steplib.init_state, model, optimizer, image_shape=image_shape)
+  state_sharding = sharding.replicated(mesh)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
+      jax.eval_shape(init, rng))
+  num_params = models.parameter_count(abstract_state.params)
+  resolved = resolved_config(config, plan, mesh.size, num_params)
+
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                                 asynchronous=config.checkpoint.asynchronous)
+  restored = None
+  if ckpts.steps():
+    check_same_run(os.path.join(workdir, "config.json"), resolved)
+    restored = ckpts.restore_latest(abstract_state)
+  if restored:
+    step, state, book = restored
+    book["status"] = "running"
+    print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
+          flush=True)
+  else:
+    step, book = 0, new_bookkeeping(config)
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step)
+  write_json(os.path.join(workdir, "config.json"), resolved)
+
+  train_images, train_labels = sharding.put_replicated(
+      (splits.train_images, splits.train_labels), mesh)
+  eval_batch = math.ceil(config.eval_batch_size / mesh.size) * mesh.size
+  eval_sets = {
+      "valid": (splits.valid_images, splits.valid_labels),
+      "test": (splits.test_images, splits.test_labels),
+      "train_eval": (splits.train_images[:config.train_eval_size],
+                     splits.train_labels[:config.train_eval_size]),
+  }
+  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items() if len(v[1])}
+
+  step_fn = functools.partial(
+      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
+      groups=config.grad_groups, mesh=mesh, axis=sharding.DATA)
+  chunk_fn = jax.jit(
+      functools.partial(train_chunk, batch_size=config.batch_size,
+                        steps_per_epoch=plan.steps_per_epoch, pixel_scale=splits.pixel_scale,
+                        step_fn=step_fn, unroll=config.chunk_unroll,
+                        shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
+      static_argnames="num_steps", donate_argnames="state")
+  eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
+                                      pixel_scale=splits.pixel_scale))
+  data_key = jax.random.PRNGKey(config.seed + 1_000_003)
+
+  def evaluate(state):
+    results = {}
+    for split, (images, labels, mask) in eval_sets.items():
+      sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
+              for i in range(len(labels))]   # a Python loop: see chunk_unroll above
+      loss, errors = np.sum(sharding.to_host(sums), axis=0)
+      count = float(np.sum(sharding.to_host(mask)))
+      results[f"{split}/loss"] = float(loss) / count
+      results[f"{split}/error"] = float(errors) / count
+    return results
+
+  try:
+    return _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
+                       None, (train_images, train_labels, data_key))
+  finally:
+    ckpts.close()
+
+
+# Fields that may differ between a checkpointed run and its resumption without changing the run.
+RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
+                     "chunk_steps", "eval_batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_same_run(config_path: str, resolved: dict) -> None:
+  """Refuses to resume a checkpoint written by a different run (batch size, LR, model, ...)."""
+  if not os.path.exists(config_path):
+    return
+  with open(config_path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(resolved)
+  allowed = lambda key: any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+  changed = sorted(k for k in set(saved) | set(current)
+                   if not allowed(k) and saved.get(k) != current.get(k))
+  if changed:
+    key = changed[0]
+    raise ConfigError(
+        f"{os.path.dirname(config_path)} holds checkpoints of a different run: {key} was "
+        f"{saved.get(key)!r}, now {current.get(key)!r} ({len(changed)} field(s) differ); "
+        "use a new --workdir or restore the original config")
+
+
+def _crossed(step: int, previous: int, every: int) -> bool:
+  """True at the first eval boundary at or after each multiple of `every` (0 = never)."""
+  return every > 0 and step // every > previous // every
+
+
+def new_bookkeeping(config) -> dict:
+  """The loop's running record; saved in every checkpoint so that a resume continues it exactly."""
+  return {
+      "status": "running", "elapsed": 0.0, "diverged_at_step": None,
+      "target": {"metric": config.target.metric, "value": config.target.value,
+                 "reached": False, "step": None, "examples": None},
+      "best": {}, "last_eval": {}, "last_train": {}, "curvature": {}, "last_curvature_step": 0,
+      "last_checkpoint_step": 0,
+      # Running sums of the train metrics since the last log record.
+      "window": {"steps": 0, "sums": {}},
+      # Bias-corrected EMAs of the noise-scale estimators' numerator and denominator.
+      "noise": {"grad_sq": 0.0, "trace_sigma": 0.0, "weight": 0.0},
+  }
+
+
+def _noise_update(noise: dict, small_sq: float, big_sq: float, b: int, B: int, decay: float):
+  """McCandlish et al. 2018 App. A.1 unbiased estimates of |G|^2 and tr(Sigma), then their EMAs."""
+  grad_sq = (B * big_sq - b * small_sq) / (B - b)
+  trace_sigma = (small_sq - big_sq) / (1.0 / b - 1.0 / B)
+  noise["grad_sq"] = decay * noise["grad_sq"] + (1 - decay) * grad_sq
+  noise["trace_sigma"] = decay * noise["trace_sigma"] + (1 - decay) * trace_sigma
+  noise["weight"] = decay * noise["weight"] + (1 - decay)
+
+
+def _noise_metrics(noise: dict) -> dict:
+  if noise["weight"] == 0:
+    return {}
+  grad_sq, trace = noise["grad_sq"] / noise["weight"], noise["trace_sigma"] / noise["weight"]
+  return {"noise/grad_sq": grad_sq, "noise/trace_sigma": trace,
+          "noise/b_simple": trace / grad_sq if grad_sq > 0 else float("nan")}
+
+
+def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
+               config, plan, noise_sizes):
+  """Folds `count` per-step metrics into the window; writes a record every log_every_steps."""
+  window = book["window"]
+  for i in range(count):
+    done = first_step + i + 1
+    if noise_sizes:
+      _noise_update(book["noise"], float(metrics_K["noise/small_grad_sq"][i]),
+                    float(metrics_K["noise/big_grad_sq"][i]), *noise_sizes,
+                    config.noise_scale.ema_decay)
+    for key in ("train/loss", "train/accuracy", "grad_norm"):
+      window["sums"][key] = window["sums"].get(key, 0.0) + float(metrics_K[key][i])
+    window["steps"] += 1
+    last = done == plan.total_steps or (diverged and i == count - 1)
+    if done % plan.log_every_steps and not last:
+      continue
+    record = {k: v / window["steps"] for k, v in window["sums"].items()}
+    record.update(lr=float(metrics_K["lr"][i]), param_norm=float(metrics_K["param_norm"][i]),
+                  examples_per_sec=examples_per_sec, **_noise_metrics(book["noise"]))
+    writer.write(done, record)
+    book["last_train"] = {k: record[k] for k in ("train/loss", "train/accuracy")}
+    window = book["window"] = {"steps": 0, "sums": {}}
+
+
+class _StopRequest:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class Preempted(SystemExit):
+  """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
+
+
+def _summary(book: dict, step: int, batch_size: int) -> dict:
+  return {
+      "status": book["status"], "step": step, "examples": step * batch_size,
+      "wall_time": book["elapsed"], "diverged_at_step": book["diverged_at_step"],
+      "target": book["target"], "final": {**book["last_train"], **book["last_eval"]}, "best": book["best"],
+      "noise": _noise_metrics(book["noise"]), "curvature": book["curvature"],
+  }
+
+
+def _record_eval(book: dict, step: int, batch_size: int, results: dict) -> None:
+  book["last_eval"] = dict(results)
+  for key in ("valid/error", "test/error"):
+    if key in results:
+      book["best"][key] = min(book["best"].get(key, math.inf), results[key])
+  target = book["target"]
+  value = results.get(target["metric"])
+  if not target["reached"] and value is not None and target_reached(value, target["value"]):
+    target.update(reached=True, step=step, examples=step * batch_size)
+
+
+def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
+                measure_curvature, train_data):
+  """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
+  B, G = config.batch_size, config.grad_groups
+  noise_sizes = (B // G, B) if G > 1 else None
+  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"])
+  summary_path = os.path.join(workdir, "summary.json")
+  checkpoint_every = config.checkpoint.every_steps
+
+  def save(state, step):
+    book["elapsed"] = writer.elapsed()
+    book["last_checkpoint_step"] = step
+    writer.flush()
+    ckpts.save(step, state, book)
+
+  with _StopRequest() as stop:
+    if step == 0 and config.eval_at_start:
+      results = evaluate(state)
+      writer.write(0, results)
+      _record_eval(book, 0, B, results)
+    while step < plan.total_steps and book["status"] == "running":
+      # Dispatch every chunk up to the next evaluation, then fetch their metrics in one go.
+      segment_end = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
+      chunks = []
+      for start in range(step, segment_end, config.chunk_steps):
+        state, metrics_K = chunk_fn(state, *train_data,
+                                    num_steps=min(config.chunk_steps, segment_end - start))
+        chunks.append(metrics_K)
+      metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
+      n = segment_end - step
+      rate = writer.progress(segment_end, float(np.mean(metrics_K["train/loss"])))
+      bad = np.flatnonzero(~np.isfinite(metrics_K["train/loss"]))
+      count = int(bad[0]) + 1 if bad.size else n
+      _log_train(writer, book, metrics_K, step, count, diverged=bool(bad.size),
+                 examples_per_sec=rate, config=config, plan=plan, noise_sizes=noise_sizes)
+      if bad.size:  # a result, not a crash: record where, keep the sweep going
+        book.update(status="diverged", diverged_at_step=step + int(bad[0]))
+        step += count
+        break
+      step = segment_end
+      if step % plan.eval_every_steps == 0 or step == plan.total_steps:
+        results = evaluate(state)
+        writer.write(step, results)
+        _record_eval(book, step, B, results)
+        if measure_curvature and (_crossed(step, book["last_curvature_step"],
+                                           config.curvature.every_steps)
+                                  or step == plan.total_steps):
+          book["curvature"] = measure_curvature(state, step)
+          book["last_curvature_step"] = step
+          writer.write(step, book["curvature"])
+        if config.target.stop_at_target and book["target"]["reached"]:
+          book["status"] = "done"
+        if _crossed(step, book["last_checkpoint_step"], checkpoint_every):
+          save(state, step)
+        book["elapsed"] = writer.elapsed()
+        write_json(summary_path, _summary(book, step, B))
+      if stop.signal is not None:
+        book["status"] = "preempted"
+        save(state, step)
+        break
+    if book["status"] == "running":
+      book["status"] = "done"
+    if book["status"] in ("done", "preempted") and book["last_checkpoint_step"] != step:
+      save(state, step)
+    ckpts.wait()
+    book["elapsed"] = writer.elapsed()
+    writer.close()
+    summary = _summary(book, step, B)
+    write_json(summary_path, summary)
+  if book["status"] == "preempted":
+    raise Preempted(128 + stop.signal)
+  return summary
