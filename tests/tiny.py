@@ -1,0 +1,24 @@
+"""A tiny real trial config for tests: 412 real MNIST train images (the committed slice), an MLP."""
+from configs import mnist
+
+
+def tiny_config(**overrides):
+  c = mnist.get_config()
+  c.dataset.name = "mnist_tiny"
+  c.dataset.validation_size = 100
+  c.model.name, c.model.widths = "mlp", (32,)
+  c.batch_size = 32
+  c.base_lr, c.reference_batch_size = 0.05, 32
+  c.budget.unit, c.budget.length = "steps", 24.0
+  c.warmup.unit, c.warmup.length = "steps", 4.0
+  c.eval_every.unit, c.eval_every.length = "steps", 8.0
+  c.log_every_steps = 4
+  c.chunk_steps, c.chunk_unroll = 4, False
+  c.checkpoint.every_steps = 8
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return c
