@@ -53,6 +53,23 @@ def constrain_batch(x, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
 
 
+def process0_decides(flag: bool) -> bool:
+  """Process 0's `flag` on every process: decisions taken from files or signals (skip a trial,
+  stop the loop) must agree, or one process waits forever in a collective the others skipped."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a preemption signal reaching one of them)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def to_host(tree):
   """Global arrays -> numpy on this process (replicated or fully gathered values)."""
   from jax.experimental import multihost_utils

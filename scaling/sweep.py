@@ -209,20 +209,22 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
                    for t in trials]})
   summaries = []
   for t in chosen:
+    # Under jax.distributed the processes train a trial together: process 0 decides and locks.
     summary = read_summary(t.directory)
-    if summary and summary.get("status") in FINISHED:
-      print(f"[{t.index}] {t.id}: already {summary['status']}, skipped", flush=True)
+    if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
+      print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
       summaries.append(summary)
       continue
-    lock = TrialLock(t.directory)
-    if not lock.acquire():
+    lock = TrialLock(t.directory) if jax.process_index() == 0 else None
+    if not sharding.process0_decides(lock is None or lock.acquire()):
       print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
       continue
     try:
       print(f"[{t.index}] {t.id}: training", flush=True)
       summaries.append(train.run(t.config, t.directory))
     finally:
-      lock.release()
+      if lock:
+        lock.release()
       write_csv(workdir, trials, plans)
   write_csv(workdir, trials, plans)
   return summaries

@@ -384,7 +384,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
           save(state, step)
         book["elapsed"] = writer.elapsed()
         write_json(summary_path, _summary(book, step, B))
-      if stop.signal is not None:
+      if sharding.any_process(stop.signal is not None):   # every process stops together
         book["status"] = "preempted"
         save(state, step)
         break
@@ -398,5 +398,5 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     summary = _summary(book, step, B)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
-    raise Preempted(128 + stop.signal)
+    raise Preempted(128 + (stop.signal or signal.SIGTERM))
   return summary

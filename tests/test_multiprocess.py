@@ -1,0 +1,111 @@
+"""A real two-process run under jax.distributed gives the numbers of one process with 4 devices.
+
+Two local processes with 2 fake CPU devices each (gloo collectives) train the same tiny trial as
+one process with 4 fake devices, all three started at once. The metrics must agree, only process 0
+may write files, and the Orbax checkpoints (written by both processes together) must be complete.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240
+FLAGS = [
+    "--config=configs/mnist.py",
+    "--config.dataset.name=mnist_tiny", "--config.dataset.validation_size=100",
+    "--config.model.name=mlp", "--config.model.widths=(64,)",
+    "--config.batch_size=32", "--config.grad_groups=4",
+    "--config.base_lr=0.05", "--config.reference_batch_size=32",
+    "--config.budget.unit=steps", "--config.budget.length=24",
+    "--config.warmup.unit=steps", "--config.warmup.length=4",
+    "--config.eval_every.unit=steps", "--config.eval_every.length=8",
+    "--config.log_every_steps=4", "--config.chunk_steps=4", "--config.chunk_unroll=False",
+    "--config.checkpoint.every_steps=8", "--config.train_eval_size=100",
+    "--config.eval_batch_size=100",
+]
+UNTIMED = ("wall_time", "examples_per_sec")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, devices, log_path, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  log = open(log_path, "w")
+  # Own process group: a failed test kills the child and anything it started.
+  return subprocess.Popen([sys.executable, "-m", "scaling.main", *FLAGS, f"--workdir={workdir}",
+                           *extra], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True), log
+
+
+def wait_all(procs, timeout):
+  """Exit codes; kills every child still running on timeout or when one fails."""
+  deadline = time.monotonic() + timeout
+  try:
+    while any(p.poll() is None for p, _ in procs):
+      if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p, _ in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+      log.close()
+  return [p.returncode for p, _ in procs]
+
+
+def read_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def tail(path, n=30):
+  with open(path) as f:
+    return "".join(f.readlines()[-n:])
+
+
+def test_two_processes_match_one_process(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  port = free_port()
+  distributed = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  logs = [str(tmp_path / f"{name}.log") for name in ("one", "p0", "p1")]
+  procs = [start(one, 4, logs[0])]
+  for i in range(2):
+    procs.append(start(two, 2, logs[1 + i], [*distributed, f"--process_id={i}"]))
+  codes = wait_all(procs, TIMEOUT_S)
+  assert codes == [0, 0, 0], "\n".join(f"== {log} (exit {c})\n{tail(log)}"
+                                       for log, c in zip(logs, codes))
+
+  a, b = read_records(one), read_records(two)
+  assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 6
+  for ra, rb in zip(a, b):
+    keys = set(ra) - set(UNTIMED)
+    assert keys == set(rb) - set(UNTIMED), ra["step"]
+    for key in sorted(keys):
+      np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"step {ra['step']} {key}")
+
+  for workdir in (one, two):
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    assert summary["status"] == "done" and summary["step"] == 24
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f)["derived"]["num_devices"] == 4
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24", "8"]
+  # Process 1 wrote nothing of its own: one event file, no leftover temporary files.
+  names = os.listdir(two)
+  assert sum(n.startswith("events.out.tfevents") for n in names) == 1, names
+  assert not [n for n in names if ".tmp" in n], names
+  assert sorted(n for n in names if not n.startswith("events")) == sorted(
+      n for n in os.listdir(one) if not n.startswith("events"))
