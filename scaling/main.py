@@ -4,6 +4,7 @@
     python -m scaling.main --config=configs/mnist_sweep.py --workdir=runs/x --list_trials
     python -m scaling.main --config=configs/mnist_sweep.py --workdir=runs/x --trial=7
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -21,6 +22,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/scaling/jax", "Persistent XLA compilation cache ('' = off):"
+    " trials of a sweep and reruns reuse compiled steps instead of compiling again.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +34,10 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     import jax
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _CACHE.value:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from scaling import sweep
   try:
     sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value, list_only=_LIST.value)

@@ -3,8 +3,9 @@
 `config.sweep` mirrors the config's own structure and every leaf is a tuple of values: a grid axis
 (`sweep.batch_size = (64, 512)`, `sweep.optimizer.name = ("momentum", "adam")`). `config.sweep_zip`
 holds axes of equal length that vary together as one axis (a base_lr per batch size). Trials are
-the product of the axes in the order written, first axis slowest, so index N names the same trial
-every time the same config is expanded: a Slurm array task runs `--trial=$SLURM_ARRAY_TASK_ID`.
+the product of the grid axes (in the order ConfigDict keeps them: sorted by name), then the zipped
+axis, first axis slowest, so index N names the same trial every time the same config is expanded:
+a Slurm array task runs `--trial=$SLURM_ARRAY_TASK_ID`.
 A config without axes is one trial, written straight into the workdir.
 """
 import csv
@@ -95,9 +96,6 @@ def expand(config, workdir: str) -> list[Trial]:
     for key, value in overrides.items():
       _override(trial_config, key, value)
     tid = trial_id(overrides) if axes else "trial"
-    with trial_config.unlocked():
-      trial_config.trial_id = tid
-      trial_config.sweep_axes = dict(overrides)
     directory = os.path.join(workdir, "trials", tid) if axes else workdir
     trials.append(Trial(index, tid, overrides, trial_config, directory))
   return trials
@@ -221,7 +219,7 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
       continue
     try:
       print(f"[{t.index}] {t.id}: training", flush=True)
-      summaries.append(train.run(t.config, t.directory))
+      summaries.append(train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides))
     finally:
       if lock:
         lock.release()

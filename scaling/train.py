@@ -53,7 +53,6 @@ def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size,
 def _padded_eval_set(images, labels, eval_batch, mesh):
   """[N, ...] -> [M, E, ...] chunks padded with masked-out examples, sharded on E."""
   n = len(labels)
-  eval_batch = min(eval_batch, math.ceil(n / mesh.size) * mesh.size)  # small sets: little padding
   m = max(1, math.ceil(n / eval_batch))
   pad = m * eval_batch - n
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
@@ -109,8 +108,12 @@ def target_reached(value: float, target_value: float) -> bool:
   return math.isfinite(value) and value < target_value   # Shallue et al.: strictly better
 
 
-def run(config, workdir: str) -> dict:
-  """Trains one trial in `workdir`; returns the summary written to summary.json."""
+def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
+  """Trains one trial in `workdir`; returns the summary written to summary.json.
+
+  `trial_id` and `sweep_axes` (dotted field -> value) name the trial within its sweep; they are
+  recorded in config.json for the report.
+  """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   splits = load_data(config.dataset)
@@ -129,6 +132,7 @@ def run(config, workdir: str) -> dict:
       jax.eval_shape(init, rng))
   num_params = models.parameter_count(abstract_state.params)
   resolved = resolved_config(config, plan, mesh.size, num_params)
+  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
@@ -144,19 +148,23 @@ def run(config, workdir: str) -> dict:
   else:
     step, book = 0, new_bookkeeping(config)
     state = jax.jit(init, out_shardings=state_sharding)(rng)
-  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step)
+  # Records past the restored step are rewritten by this run (all of them when starting afresh).
+  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
   write_json(os.path.join(workdir, "config.json"), resolved)
 
   train_images, train_labels = sharding.put_replicated(
       (splits.train_images, splits.train_labels), mesh)
-  eval_batch = math.ceil(config.eval_batch_size / mesh.size) * mesh.size
   eval_sets = {
       "valid": (splits.valid_images, splits.valid_labels),
       "test": (splits.test_images, splits.test_labels),
       "train_eval": (splits.train_images[:config.train_eval_size],
                      splits.train_labels[:config.train_eval_size]),
   }
-  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items() if len(v[1])}
+  eval_sets = {k: v for k, v in eval_sets.items() if len(v[1])}
+  # One chunk shape for every split (one compilation), no bigger than the largest split needs.
+  largest = max(len(labels) for _, labels in eval_sets.values())
+  eval_batch = math.ceil(min(config.eval_batch_size, largest) / mesh.size) * mesh.size
+  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items()}
 
   step_fn = functools.partial(
       steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
@@ -384,7 +392,9 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
           save(state, step)
         book["elapsed"] = writer.elapsed()
         write_json(summary_path, _summary(book, step, B))
-      if sharding.any_process(stop.signal is not None):   # every process stops together
+      # Every process stops together; a run that just finished (or stopped at its target) is done.
+      if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
+          and step < plan.total_steps):
         book["status"] = "preempted"
         save(state, step)
         break
