@@ -31,7 +31,10 @@ class MetricsWriter:
     self._last = (time.time(), start_step)
     if self.enabled:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      # TensorBoard hides events at or past purge_step that an interrupted run left behind
+      # (metrics.jsonl is truncated the same way; a resumed run starts after its checkpoint).
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
+                               purge_step=start_step + 1 if start_step else 0)
 
   def elapsed(self) -> float:
     return time.time() - self._t0
