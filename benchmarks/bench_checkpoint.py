@@ -1,7 +1,7 @@
 """Checkpoint save and restore times for the default MNIST trial (configs/mnist.py: the simple CNN,
-~3.3M params, momentum SGD, so params + momentum ~26 MB of float32).
+~3.3M params, momentum SGD, params + momentum: 25 MiB of float32).
 
-    python benchmarks/bench_checkpoint.py [--repeats=5] [--dir=/tmp/bench_ckpt] [--num_devices=0]
+    python benchmarks/bench_checkpoint.py [--repeats=5] [--dir=/tmp/bench_checkpoint] [--num_devices=0]
 
 For asynchronous and synchronous Orbax saves it prints the median time the training loop is
 blocked by `save()`, the median time until the save is on disk, the checkpoint's size, and the
