@@ -49,6 +49,14 @@ def get_config():
   c.chunk_unroll = True       # unroll it: XLA:CPU runs convolutions in loops ~10x slower
 
   c.noise_scale = ml_collections.ConfigDict(dict(ema_decay=0.99))
+  # Sharpness of the training loss on a fixed train subset (eval-mode BN), at the end of the trial
+  # and every `every_steps` (0 = only at the end); the density only at the end.
+  c.curvature = ml_collections.ConfigDict(dict(
+      enabled=True, every_steps=0, subset_size=1024,
+      max_probes=100, probe_chunk=10, trace_tol=1e-3,       # Hutchinson (PyHessian's rule)
+      lanczos_steps=20, top_k=3,                            # top eigenvalues
+      sharpness_eps=1e-3, sharpness_steps=10,               # Keskar et al.'s epsilon-sharpness
+      density=True, density_starts=4, density_steps=30))    # stochastic Lanczos quadrature
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))
   # Sweep axes mirror the config's fields; every leaf is a tuple of values (see configs/mnist_sweep.py).
   c.sweep = ml_collections.ConfigDict()       # grid axes; empty: a single trial in the workdir

@@ -33,6 +33,9 @@ def get_config():
   c.target.value = 0.03
   c.eval_every.length = 0.1             # epochs: fine enough to resolve steps-to-target
   c.chunk_steps, c.chunk_unroll = 50, False   # the MLP runs fast in a rolled scan
+  # 2 gradient groups (small batch B/2) for the noise scale: 8 groups of small matmuls cost the
+  # MLP ~3x per step on CPU (benchmarks/bench_step.py), 2 cost little; the EMA does the averaging.
+  c.grad_groups = 2
   c.checkpoint.every_steps = 1000
   c.sweep = ml_collections.ConfigDict(dict(
       batch_size=(32, 64, 128, 256, 512, 1024, 2048, 4096),

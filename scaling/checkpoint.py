@@ -54,14 +54,16 @@ class Checkpoints:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state):
-    """(step, state, bookkeeping) from the newest usable checkpoint, or None if there is none.
+  def restore_latest(self, abstract_state, at_most: int | None = None, read_only: bool = False):
+    """(step, state, bookkeeping) from the newest usable checkpoint (at or before step `at_most`
+    if given), or None if there is none. `read_only` (offline readers) never moves a damaged
+    checkpoint aside.
 
     `abstract_state` gives shapes, dtypes and shardings: restoring into it keeps optax's
     namedtuples and puts the arrays straight onto this run's mesh (any device count).
     """
     damaged = False
-    for step in reversed(self.steps()):
+    for step in reversed([s for s in self.steps() if at_most is None or s <= at_most]):
       start = time.perf_counter()
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -70,6 +72,9 @@ class Checkpoints:
         jax.block_until_ready(state)
       except Exception as error:  # a damaged checkpoint must not cost the run: fall back
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        if read_only:
+          logging.warning("checkpoint at step %d is unusable (%s)", step, first_line)
+          continue
         damaged, aside = True, self._move_aside(step)
         logging.warning("checkpoint at step %d is unusable (%s): moved to %s, trying an earlier"
                         " one", step, first_line, aside)

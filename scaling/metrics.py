@@ -28,7 +28,6 @@ class MetricsWriter:
     self.batch_size = batch_size
     self.total_steps = total_steps
     self._t0 = time.time() - elapsed       # wall_time continues across resumes
-    self._last = (time.time(), start_step)
     if self.enabled:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       # TensorBoard hides events at or past purge_step that an interrupted run left behind
@@ -50,11 +49,10 @@ class MetricsWriter:
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, global_step=step)
 
-  def progress(self, step: int, loss: float) -> None:
-    """One console line: step, loss, throughput and ETA since the last call."""
-    now, (then, last_step) = time.time(), self._last
-    self._last = (now, step)
-    rate = (step - last_step) / max(now - then, 1e-9)
+  def progress(self, step: int, steps: int, seconds: float, loss: float) -> float:
+    """One console line: step, loss, training throughput (`steps` took `seconds`, evaluation and
+    curvature excluded) and ETA; returns examples per second."""
+    rate = steps / max(seconds, 1e-9)
     eta = (self.total_steps - step) / max(rate, 1e-9)
     if self.enabled:
       print(f"step {step}/{self.total_steps}  loss {loss:.4f}  "

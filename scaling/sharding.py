@@ -44,6 +44,11 @@ def put_replicated(tree, mesh: Mesh):
   return _put(tree, replicated(mesh))
 
 
+def put_batch(tree, mesh: Mesh):
+  """[examples, ...] arrays split over `data`."""
+  return _put(tree, batch_sharded(mesh))
+
+
 def put_eval(tree, mesh: Mesh):
   """[chunks, examples, ...] eval arrays: each chunk's examples split over `data`."""
   return _put(tree, NamedSharding(mesh, P(None, DATA)))

@@ -13,12 +13,14 @@ import math
 import os
 import signal
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import checkpoint, data, models, schedule, sharding, step as steplib
+from scaling import checkpoint, curvature, data, models, schedule, sharding, step as steplib
+from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError
 
@@ -108,6 +110,25 @@ def target_reached(value: float, target_value: float) -> bool:
   return math.isfinite(value) and value < target_value   # Shallue et al.: strictly better
 
 
+def build(config, splits, mesh):
+  """(plan, model, learning-rate schedule, optimizer) of a trial: everything its state depends on."""
+  plan = check_config(config, len(splits.train_labels), mesh.size)
+  model = models.build(config.model, splits.num_classes)
+  lr_fn = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction)
+  return plan, model, lr_fn, steplib.make_optimizer(config.optimizer, lr_fn)
+
+
+def abstract_train_state(config, model, optimizer, splits, mesh):
+  """(shapes, dtypes and shardings of the TrainState, its init function of the PRNG key)."""
+  init = functools.partial(steplib.init_state, model, optimizer,
+                           image_shape=splits.train_images.shape[1:])
+  state_sharding = sharding.replicated(mesh)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
+      jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  return abstract_state, init
+
+
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
   """Trains one trial in `workdir`; returns the summary written to summary.json.
 
@@ -117,19 +138,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   splits = load_data(config.dataset)
-  num_train = len(splits.train_labels)
-  plan = check_config(config, num_train, mesh.size)
-  model = models.build(config.model, splits.num_classes)
-  lr_fn = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction)
-  optimizer = steplib.make_optimizer(config.optimizer, lr_fn)
-
-  image_shape = splits.train_images.shape[1:]
-  init = functools.partial(steplib.init_state, model, optimizer, image_shape=image_shape)
-  state_sharding = sharding.replicated(mesh)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
-      jax.eval_shape(init, rng))
+  plan, model, lr_fn, optimizer = build(config, splits, mesh)
+  abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
+  state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
   num_params = models.parameter_count(abstract_state.params)
   resolved = resolved_config(config, plan, mesh.size, num_params)
   resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
@@ -190,9 +201,11 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       results[f"{split}/error"] = float(errors) / count
     return results
 
+  measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
+             if config.curvature.enabled else None)
   try:
     return _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
-                       None, (train_images, train_labels, data_key))
+                       measure, (train_images, train_labels, data_key))
   finally:
     ckpts.close()
 
@@ -246,25 +259,16 @@ def new_bookkeeping(config) -> dict:
       # Running sums of the train metrics since the last log record.
       "window": {"steps": 0, "sums": {}},
       # Bias-corrected EMAs of the noise-scale estimators' numerator and denominator.
-      "noise": {"grad_sq": 0.0, "trace_sigma": 0.0, "weight": 0.0},
+      "noise": {"g_sq": 0.0, "trace_sigma": 0.0, "weight": 0.0},
   }
 
 
-def _noise_update(noise: dict, small_sq: float, big_sq: float, b: int, B: int, decay: float):
-  """McCandlish et al. 2018 App. A.1 unbiased estimates of |G|^2 and tr(Sigma), then their EMAs."""
-  grad_sq = (B * big_sq - b * small_sq) / (B - b)
-  trace_sigma = (small_sq - big_sq) / (1.0 / b - 1.0 / B)
-  noise["grad_sq"] = decay * noise["grad_sq"] + (1 - decay) * grad_sq
-  noise["trace_sigma"] = decay * noise["trace_sigma"] + (1 - decay) * trace_sigma
-  noise["weight"] = decay * noise["weight"] + (1 - decay)
-
-
 def _noise_metrics(noise: dict) -> dict:
-  if noise["weight"] == 0:
+  """Bias-corrected EMAs -> |G|^2, tr(Sigma) and B_simple (McCandlish et al. 2018)."""
+  if not noise["weight"] or not noise["g_sq"]:
     return {}
-  grad_sq, trace = noise["grad_sq"] / noise["weight"], noise["trace_sigma"] / noise["weight"]
-  return {"noise/grad_sq": grad_sq, "noise/trace_sigma": trace,
-          "noise/b_simple": trace / grad_sq if grad_sq > 0 else float("nan")}
+  g_sq, trace_sigma, b_simple = curvature.noise_scale(curvature.NoiseScaleEMA(**noise))
+  return {"noise/grad_sq": g_sq, "noise/trace_sigma": trace_sigma, "noise/b_simple": b_simple}
 
 
 def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
@@ -274,9 +278,11 @@ def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples
   for i in range(count):
     done = first_step + i + 1
     if noise_sizes:
-      _noise_update(book["noise"], float(metrics_K["noise/small_grad_sq"][i]),
-                    float(metrics_K["noise/big_grad_sq"][i]), *noise_sizes,
-                    config.noise_scale.ema_decay)
+      # Host floats: the EMA is part of the checkpointed bookkeeping (exact resume).
+      book["noise"] = curvature.noise_scale_update(
+          curvature.NoiseScaleEMA(**book["noise"]), float(metrics_K["noise/small_grad_sq"][i]),
+          float(metrics_K["noise/big_grad_sq"][i]), *noise_sizes,
+          decay=config.noise_scale.ema_decay)._asdict()
     for key in ("train/loss", "train/accuracy", "grad_norm"):
       window["sums"][key] = window["sums"].get(key, 0.0) + float(metrics_K[key][i])
     window["steps"] += 1
@@ -359,14 +365,15 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     while step < plan.total_steps and book["status"] == "running":
       # Dispatch every chunk up to the next evaluation, then fetch their metrics in one go.
       segment_end = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
-      chunks = []
+      chunks, started = [], time.perf_counter()
       for start in range(step, segment_end, config.chunk_steps):
         state, metrics_K = chunk_fn(state, *train_data,
                                     num_steps=min(config.chunk_steps, segment_end - start))
         chunks.append(metrics_K)
       metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
       n = segment_end - step
-      rate = writer.progress(segment_end, float(np.mean(metrics_K["train/loss"])))
+      rate = writer.progress(segment_end, n, time.perf_counter() - started,
+                             float(np.mean(metrics_K["train/loss"])))
       bad = np.flatnonzero(~np.isfinite(metrics_K["train/loss"]))
       count = int(bad[0]) + 1 if bad.size else n
       _log_train(writer, book, metrics_K, step, count, diverged=bool(bad.size),
@@ -380,17 +387,22 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
         results = evaluate(state)
         writer.write(step, results)
         _record_eval(book, step, B, results)
-        if measure_curvature and (_crossed(step, book["last_curvature_step"],
-                                           config.curvature.every_steps)
-                                  or step == plan.total_steps):
-          book["curvature"] = measure_curvature(state, step)
-          book["last_curvature_step"] = step
-          writer.write(step, book["curvature"])
         if config.target.stop_at_target and book["target"]["reached"]:
           book["status"] = "done"
+        finishing = step == plan.total_steps or book["status"] == "done"
+        if measure_curvature and (finishing or _crossed(step, book["last_curvature_step"],
+                                                        config.curvature.every_steps)):
+          results = measure_curvature(state, step, step_seconds=B / rate,
+                                      density=finishing and config.curvature.density)
+          density = results.pop("curvature/density", None)
+          if density and jax.process_index() == 0:
+            np.savez(os.path.join(workdir, f"density_{step}.npz"), **density)
+          book["curvature"], book["last_curvature_step"] = results, step
+          writer.write(step, results)
         if _crossed(step, book["last_checkpoint_step"], checkpoint_every):
           save(state, step)
         book["elapsed"] = writer.elapsed()
+        writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
         write_json(summary_path, _summary(book, step, B))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"

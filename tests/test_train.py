@@ -38,7 +38,7 @@ def tensorboard_tags(workdir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trial"))
-  summary = train.run(tiny_config(**{"budget.length": 48.0}), workdir)
+  summary = train.run(tiny_config(**{"budget.length": 48.0, "curvature.enabled": True}), workdir)
   return workdir, summary
 
 
@@ -53,8 +53,18 @@ def test_trial_learns_and_writes_every_output(trained):
   assert steps == list(range(4, 49, 4))               # every log_every_steps, none missing
   assert [r["step"] for r in records if "valid/error" in r] == list(range(8, 49, 8))
   assert all(r["examples"] == 32 * r["step"] for r in records)
+  last_train = [r for r in records if "train/loss" in r][-1]
   for key in ("lr", "grad_norm", "param_norm", "examples_per_sec", "noise/b_simple"):
-    assert key in records[-2], key
+    assert key in last_train, key
+  # Curvature is measured at the end (curvature.every_steps=0), with its cost, and the density.
+  (curv,) = [r for r in records if "curvature/hessian_trace" in r]
+  assert curv["step"] == 48 and summary["curvature"]["curvature/top_eigenvalue"] > 0
+  assert curv["curvature/eigenvalues"][0] >= curv["curvature/eigenvalues"][1] > 0
+  assert curv["curvature/hessian_trace"] > curv["curvature/top_eigenvalue"]
+  assert curv["curvature/sharpness"] > 0 and curv["cost/trace_in_steps"] > 0
+  density = np.load(os.path.join(workdir, "density_48.npz"))
+  grid = density["grid"]
+  assert np.sum(density["density"]) * (grid[1] - grid[0]) == pytest.approx(1, rel=1e-3)
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["derived"]["total_steps"] == 48 and config["derived"]["lr"] == 0.05
   assert config["derived"]["warmup_steps"] == 4
@@ -80,7 +90,7 @@ def test_one_and_eight_devices_agree(tmp_path):
   assert len(results[1]) == len(results[8])
   for one, eight in zip(results[1], results[8]):
     for key, value in one.items():
-      if key not in ("wall_time", "examples_per_sec"):
+      if key not in ("wall_time", "examples_per_sec") and not key.startswith("cost/"):
         np.testing.assert_allclose(eight[key], value, rtol=2e-4, atol=1e-6, err_msg=key)
 
 

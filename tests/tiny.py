@@ -15,6 +15,8 @@ def tiny_config(**overrides):
   c.log_every_steps = 4
   c.chunk_steps, c.chunk_unroll = 4, False
   c.checkpoint.every_steps = 8
+  c.curvature.enabled = False   # compiling it costs more than these trials: on where tested
+  c.curvature.subset_size, c.curvature.max_probes, c.curvature.density_steps = 256, 20, 10
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

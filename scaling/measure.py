@@ -1,0 +1,155 @@
+"""Curvature of a trial's training loss, on a schedule during training or offline from a checkpoint.
+
+The loss is the mean cross-entropy over a fixed subset of the training data (the first
+`curvature.subset_size` examples, so every measurement of every trial sees the same points), in
+eval mode for BatchNorm, sharded over the training mesh like a batch. The measurements are the
+pure functions of scaling.curvature, each jitted once; each is timed and logged as a cost in
+training steps so that a schedule can be chosen knowingly.
+
+Offline:  python -m scaling.measure --workdir=runs/x/trials/<id> [--step=latest] [--density]
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling import curvature, sharding
+from scaling.step import cross_entropy_B
+
+
+def _subset(splits, size: int, mesh):
+  """The first `size` training examples, padded to a multiple of the device count with
+  zero-weight examples, so that every device count measures the same loss."""
+  n = min(size, len(splits.train_labels))
+  pad = -n % mesh.size
+  images = splits.train_images[:n].astype(np.float32) * splits.pixel_scale
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+  labels = np.concatenate([splits.train_labels[:n], np.zeros(pad, splits.train_labels.dtype)])
+  weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return sharding.put_batch((images, labels, weights), mesh)
+
+
+class Measure:
+  """measure(state, step) -> {'curvature/...': value}; keeps the top eigenvector for warm starts.
+
+  The warm start lives in this object only: after a resume the first Lanczos run starts cold.
+  """
+
+  def __init__(self, cc, model, splits, mesh, seed: int):
+    self.cc = cc
+    self.images, self.labels, self.weights = _subset(splits, cc.subset_size, mesh)
+    self.key = jax.random.PRNGKey(seed + 2_000_003)
+    self.top_vector = None
+    self._compiled = {}
+
+    def loss(params, batch_stats, images, labels, weights):
+      logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+      return (cross_entropy_B(logits, labels) * weights).sum() / weights.sum()
+
+    def bind(fn):  # f(loss_fn, params, *args) -> jitted g(params, batch_stats, data, *args)
+      return jax.jit(lambda p, bs, data, *args: fn(lambda q: loss(q, bs, *data), p, *args))
+
+    self._grad = bind(lambda f, p: jax.grad(f)(p))
+    self._trace = bind(lambda f, p, key: curvature.hutchinson_trace(
+        f, p, key, max_probes=cc.max_probes, chunk_size=cc.probe_chunk, tol=cc.trace_tol))
+    self._eigen = bind(lambda f, p, v0: curvature.top_eigenvalues(
+        f, p, v0, num_steps=cc.lanczos_steps, k=cc.top_k))
+    self._sharpness = bind(lambda f, p: curvature.epsilon_sharpness(
+        f, p, eps=cc.sharpness_eps, num_steps=cc.sharpness_steps))
+    self._density = bind(lambda f, p, key: curvature.spectral_density(
+        f, p, key, num_starts=cc.density_starts, num_steps=cc.density_steps))
+
+  def _timed(self, fn, state, *args):
+    """(result on the host, seconds of the compiled computation: compilation not counted)."""
+    call_args = (state.params, state.batch_stats, (self.images, self.labels, self.weights), *args)
+    if fn not in self._compiled:
+      self._compiled[fn] = fn.lower(*call_args).compile()
+    start = time.perf_counter()
+    out = jax.block_until_ready(self._compiled[fn](*call_args))
+    return sharding.to_host(out), time.perf_counter() - start
+
+  def __call__(self, state, step: int, step_seconds: float | None = None,
+               density: bool = False) -> dict:
+    key = jax.random.fold_in(self.key, step)
+    v0 = self.top_vector
+    if v0 is None:
+      v0 = curvature.rademacher_like(jax.random.fold_in(key, 1), state.params)
+    grad_s = min(self._timed(self._grad, state)[1] for _ in range(3))   # cheap: best of 3
+    trace, trace_s = self._timed(self._trace, state, jax.random.fold_in(key, 0))
+    eigen, eigen_s = self._timed(self._eigen, state, v0)
+    self.top_vector = jax.tree.map(jnp.asarray, eigen.eigenvector)
+    sharp, sharp_s = self._timed(self._sharpness, state)
+    results = {
+        "curvature/loss": float(sharp.loss),
+        "curvature/hessian_trace": float(trace.trace),
+        "curvature/hessian_trace_stderr": float(trace.stderr),
+        "curvature/hessian_trace_probes": int(trace.num_probes),
+        "curvature/top_eigenvalue": float(eigen.eigenvalues[0]),
+        "curvature/eigenvalues": [float(x) for x in eigen.eigenvalues],
+        "curvature/sharpness": float(sharp.sharpness),
+        "curvature/sharpness_eps": float(self.cc.sharpness_eps),
+        "curvature/subset_size": int(np.sum(sharding.to_host(self.weights))),
+        "cost/gradient_seconds": grad_s,
+        "cost/trace_seconds": trace_s,
+        "cost/lanczos_seconds": eigen_s,
+        "cost/sharpness_seconds": sharp_s,
+    }
+    # Costs in gradients of the subset, and in training steps when the loop knows a step's time.
+    for name, seconds in (("trace", trace_s), ("lanczos", eigen_s), ("sharpness", sharp_s)):
+      results[f"cost/{name}_in_gradients"] = seconds / grad_s
+      if step_seconds:
+        results[f"cost/{name}_in_steps"] = seconds / step_seconds
+    if density:
+      spectrum, density_s = self._timed(self._density, state, jax.random.fold_in(key, 2))
+      results["cost/density_seconds"] = density_s
+      results["curvature/density"] = {name: np.asarray(getattr(spectrum, name)).tolist()
+                                      for name in ("grid", "density")}
+    return results
+
+
+def offline_main(argv):
+  """Evaluates a saved checkpoint of a trial directory and writes curvature_<step>.json there."""
+  del argv
+  from absl import flags
+  import ml_collections
+
+  from scaling import checkpoint, train
+  workdir, step_flag = flags.FLAGS.workdir, flags.FLAGS.step
+  with open(os.path.join(workdir, "config.json")) as f:
+    resolved = json.load(f)
+  for key in ("derived", "trial_id", "sweep_axes"):
+    resolved.pop(key, None)
+  config = ml_collections.ConfigDict(resolved)
+  mesh = sharding.make_mesh(config.num_devices)
+  splits = train.load_data(config.dataset)
+  _, model, _, optimizer = train.build(config, splits, mesh)
+  abstract_state, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
+  at_most = None if step_flag == "latest" else int(step_flag)
+  restored = ckpts.restore_latest(abstract_state, at_most, read_only=True)
+  ckpts.close()
+  if restored is None or (at_most is not None and restored[0] != at_most):
+    raise SystemExit(f"no usable checkpoint at step {step_flag} in {workdir}/checkpoints"
+                     f" (steps: {ckpts.steps()})")
+  step, state, _ = restored
+  results = Measure(config.curvature, model, splits, mesh, config.seed)(
+      state, step, density=flags.FLAGS.density)
+  density = results.pop("curvature/density", None)
+  out = os.path.join(workdir, f"curvature_{step}.json")
+  train.write_json(out, {"step": step, **results})
+  if density:
+    np.savez(os.path.join(workdir, f"density_{step}.npz"), **density)
+  print(json.dumps(results, indent=1))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
+  flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
+  flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
+  flags.mark_flag_as_required("workdir")
+  app.run(offline_main)
