@@ -1,22 +1,15 @@
 """LR scaling rules, warmup/decay arithmetic and budgets, against hand-computed numbers."""
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import mnist
 from scaling import schedule
 from scaling.config import ConfigError
+from tests.tiny import override
 
 
 def config(**overrides):
-  c = mnist.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(mnist.get_config(), **overrides)
 
 
 @pytest.mark.parametrize("rule,power,expected", [

@@ -17,10 +17,15 @@ def tiny_config(**overrides):
   c.checkpoint.every_steps = 8
   c.curvature.enabled = False   # compiling it costs more than these trials: on where tested
   c.curvature.subset_size, c.curvature.max_probes, c.curvature.density_steps = 256, 20, 10
-  for key, value in overrides.items():
-    node = c
+  return override(c, **overrides)
+
+
+def override(config, **dotted):
+  """Sets fields given as dotted names ({'budget.length': 48.0}) on `config`; returns it."""
+  for key, value in dotted.items():
+    node = config
     *parents, leaf = key.split(".")
     for name in parents:
       node = node[name]
     node[leaf] = value
-  return c
+  return config
