@@ -36,6 +36,7 @@ def get_config():
   # 2 gradient groups (small batch B/2) for the noise scale: 8 groups of small matmuls cost the
   # MLP ~3x per step on CPU (benchmarks/bench_step.py), 2 cost little; the EMA does the averaging.
   c.grad_groups = 2
+  c.curvature.enabled = True   # at the end of every trial: trace, top-3 eigenvalues, sharpness
   c.checkpoint.every_steps = 1000
   c.sweep = ml_collections.ConfigDict(dict(
       batch_size=(32, 64, 128, 256, 512, 1024, 2048, 4096),

@@ -32,7 +32,8 @@ FLAGS = [
     "--config.eval_batch_size=100",
 ]
 if "curvature" in mnist.get_config():   # measured on the same mesh: small, but checked too
-  FLAGS += ["--config.curvature.subset_size=100", "--config.curvature.max_probes=4",
+  FLAGS += ["--config.curvature.enabled=True", "--config.curvature.subset_size=100",
+            "--config.curvature.max_probes=4",
             "--config.curvature.probe_chunk=4", "--config.curvature.lanczos_steps=5",
             "--config.curvature.top_k=1", "--config.curvature.sharpness_steps=2",
             "--config.curvature.density_starts=1", "--config.curvature.density_steps=5"]
