@@ -51,10 +51,11 @@ def get_config():
   c.noise_scale = ml_collections.ConfigDict(dict(ema_decay=0.99))
   # Sharpness of the training loss on a fixed train subset (eval-mode BN), at the end of the trial
   # and every `every_steps` (0 = only at the end); the density only at the end. Off for this CNN
-  # on CPU: the estimators iterate in lax loops, where XLA:CPU runs convolutions 10-16x slower
-  # (benchmarks/bench_step.py); turn it on for accelerators or for MLPs (configs/mnist_sweep.py).
+  # on CPU: the estimators iterate in lax loops, where XLA:CPU runs convolutions 15-40x slower;
+  # `unroll` traces the loops into straight-line code instead (fast, but long to compile).
+  # On for the MLP sweep (configs/mnist_sweep.py) and meant for accelerators.
   c.curvature = ml_collections.ConfigDict(dict(
-      enabled=False, every_steps=0, subset_size=1024,
+      enabled=False, every_steps=0, subset_size=1024, unroll=False,
       max_probes=100, probe_chunk=10, trace_tol=1e-3,       # Hutchinson (PyHessian's rule)
       lanczos_steps=20, top_k=3,                            # top eigenvalues
       sharpness_eps=1e-3, sharpness_steps=10,               # Keskar et al.'s epsilon-sharpness

@@ -1,9 +1,9 @@
 """Curvature and gradient-noise metrics: pure functions over a scalar loss closure.
 
 Every curvature function takes `loss_fn(params) -> scalar`, where params is any pytree and the
-closure has the batch and BatchNorm statistics baked in (eval mode). All of them trace under
-`jax.jit` with fixed shapes (loops are `lax.fori_loop` / `lax.while_loop`), so the caller jits
-once with the batch as an argument, e.g.
+closure has the batch and BatchNorm statistics baked in (eval mode). All but two (the host loops
+hutchinson_trace and epsilon_sharpness_lbfgsb) trace under `jax.jit` with fixed shapes, so the
+caller jits once with the batch as an argument, e.g.
 
     top = jax.jit(lambda p, batch, v0: top_eigenvalues(lambda q: loss(q, batch), p, v0))
 
@@ -11,18 +11,28 @@ With params replicated and the batch sharded on a Mesh, the closure's global mea
 the cross-device reductions; nothing here is device-aware. Vectors are pytrees shaped like params
 (tree ops); only Lanczos flattens, to keep its Krylov basis as one [m, n] array.
 
+XLA:CPU and convolutions (`unroll`): inside any while/cond body XLA:CPU leaves the kernel-gradient
+convolution in a generic, slow form (at the top level it is rewritten into the fast path), so every
+HVP inside a lax loop costs far more for a conv net: 15-40x measured on the Shallue CNN (one probe
+77 gradients instead of 2). Dense-only models and GPUs are unaffected. unroll=True traces the
+fixed-count loops into straight-line code (fast convolutions, compile time grows with the number
+of steps); use it for conv nets on CPU. power_iteration has a data-dependent while_loop and no
+unroll: prefer Lanczos there.
+
 Public API
   hvp(loss_fn, params, v, mode="fwd_rev") -> pytree                     H v
   rademacher_like(key, params) -> pytree                                entries +-1
-  hutchinson_trace(loss_fn, params, key, *, max_probes=100, chunk_size=10, tol=1e-3)
+  hutchinson_probes(loss_fn, params, key, start, num_probes, *, unroll=False) -> [num_probes]
+  hutchinson_trace(probe_chunk, *, max_probes=100, tol=1e-3)   (host loop over probe chunks)
       -> TraceEstimate(trace, stderr, num_probes)
-  top_eigenvalues(loss_fn, params, v0, *, num_steps=20, k=1)
+  top_eigenvalues(loss_fn, params, v0, *, num_steps=20, k=1, unroll=False)
       -> Eigen(eigenvalues [k] descending, eigenvector pytree, num_steps)    Lanczos
   power_iteration(loss_fn, params, v0, *, max_steps=100, tol=1e-3)
       -> Eigen(eigenvalues [1], eigenvector pytree, num_steps)
-  spectral_density(loss_fn, params, key, *, num_starts=4, num_steps=30, num_grid=512, sigma=None)
+  spectral_density(loss_fn, params, key, *, num_starts=4, num_steps=30, num_grid=512,
+                   sigma=None, unroll=False)
       -> SpectralDensity(grid [g], density [g], nodes [s, m], weights [s, m])
-  epsilon_sharpness(loss_fn, params, *, eps=1e-3, num_steps=10)
+  epsilon_sharpness(loss_fn, params, *, eps=1e-3, num_steps=10, unroll=False)
       -> Sharpness(sharpness, loss, max_loss)
   epsilon_sharpness_lbfgsb(loss_fn, params, *, eps=1e-3, max_iter=10) -> Sharpness   (host, scipy)
   group_grad_stats(grads_GxP) -> (mean_grad pytree, g_small_sq, g_big_sq)
@@ -38,6 +48,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -106,54 +117,60 @@ def hvp(loss_fn: LossFn, params: Pytree, v: Pytree, mode: str = "fwd_rev") -> Py
 
 # ---------------------------------------------------------------- Hutchinson trace
 
-class TraceEstimate(NamedTuple):
-  trace: jax.Array       # mean of z^T H z over the probes
-  stderr: jax.Array      # standard error of the mean: sample std / sqrt(num_probes); NaN for 1
-  num_probes: jax.Array  # probes used (a multiple of chunk_size)
+def hutchinson_probes(loss_fn: LossFn, params: Pytree, key: jax.Array, start, num_probes: int, *,
+                      unroll: bool = False) -> jax.Array:
+  """[num_probes] samples z_i^T H z_i, z_i Rademacher from fold_in(key, i), i = start, start + 1...
 
-
-def hutchinson_trace(loss_fn: LossFn, params: Pytree, key: jax.Array, *, max_probes: int = 100,
-                     chunk_size: int = 10, tol: float = 1e-3) -> TraceEstimate:
-  """tr(H) ~ mean of z^T H z, z Rademacher (probe i uses fold_in(key, i), whatever the chunking).
-
-  Stopping rule as PyHessian: after probe i stop if |mean_i - mean_{i-1}| / (|mean_{i-1}| + 1e-6)
-  < tol. Probes run `chunk_size` at a time inside one while_loop iteration (all under jit); the
-  rule is checked after each probe and the chunk in which it fires is finished, since extra probes
-  only help. The cap is max_probes rounded up to whole chunks. Probes in a chunk run one after
-  another (lax.map): vmap over them would share the primal gradient, but measured slower on CPU
-  (MLP 784-512-512-10, batch 1024: 2.1 vs 1.5 gradients per probe) and needs chunk_size x memory.
+  Jittable with `start` traced, so one compiled chunk serves every call of hutchinson_trace.
+  Probes run one after another: vmap over them shares the primal gradient but measured slower on
+  CPU (MLP 784-512-512-10, batch 1024: 2.1 vs 1.5 gradients per probe) and takes num_probes x
+  memory. unroll: see the module notes (XLA:CPU and convolutions).
   """
-  num_chunks = -(-max_probes // chunk_size)
-  dtype = _dtype(params)
-
   def probe(i):
     z = rademacher_like(jax.random.fold_in(key, i), params)
     return _vdot(z, hvp(loss_fn, params, z))
 
-  def run_chunk(state):
-    c, samples_N, total, _ = state
-    idx_K = c * chunk_size + jnp.arange(chunk_size)
-    vals_K = lax.map(probe, idx_K).astype(dtype)
-    means_K = (total + jnp.cumsum(vals_K)) / (idx_K + 1)
-    prev_mean = total / jnp.maximum(c * chunk_size, 1)  # 0 before the first probe, as PyHessian
-    prev_K = jnp.concatenate([prev_mean[None], means_K[:-1]])
-    fired = jnp.any(jnp.abs(means_K - prev_K) / (jnp.abs(prev_K) + 1e-6) < tol)
-    samples_N = lax.dynamic_update_slice(samples_N, vals_K, (c * chunk_size,))
-    return c + 1, samples_N, total + vals_K.sum(), fired
+  if unroll:
+    return jnp.stack([probe(start + i) for i in range(num_probes)])
+  return lax.map(probe, start + jnp.arange(num_probes))
 
-  samples_N = jnp.zeros(num_chunks * chunk_size, dtype)
-  state = (jnp.int32(0), samples_N, jnp.zeros((), dtype), jnp.array(False))
-  c, samples_N, total, _ = lax.while_loop(lambda s: (s[0] < num_chunks) & ~s[3], run_chunk, state)
-  n = c * chunk_size
-  mean = total / n
-  used_N = jnp.arange(samples_N.shape[0]) < n
-  var = jnp.sum(jnp.where(used_N, (samples_N - mean) ** 2, 0.0)) / (n - 1)
-  return TraceEstimate(mean, jnp.sqrt(var / n), n)
+
+class TraceEstimate(NamedTuple):
+  trace: float       # mean of z^T H z over the probes
+  stderr: float      # standard error of that mean: sample std / sqrt(num_probes); NaN for 1 probe
+  num_probes: int    # probes used: whole chunks
+
+
+def hutchinson_trace(probe_chunk: Callable[[int], jax.Array], *, max_probes: int = 100,
+                     tol: float = 1e-3) -> TraceEstimate:
+  """tr(H) ~ mean of z^T H z: a host loop over chunks of probes, with PyHessian's stopping rule.
+
+  probe_chunk(start) returns the samples of probes start, start + 1, ..., typically a jitted
+  hutchinson_probes (start traced, so it compiles once):
+      chunk = jax.jit(lambda p, batch, start: hutchinson_probes(
+          lambda q: loss(q, batch), p, key, start, 10))
+      estimate = hutchinson_trace(lambda start: chunk(params, batch, start))
+  Rule: after probe i stop if |mean_i - mean_{i-1}| / (|mean_{i-1}| + 1e-6) < tol (mean_0 = 0).
+  It is checked after every probe; the chunk in which it fires is kept whole (extra probes only
+  help). The cap is max_probes rounded up to whole chunks; tol=0 runs all of them. The loop is on
+  the host (one transfer per chunk) because a device while_loop around the HVPs is what XLA:CPU
+  runs slowly for convolutional models (module notes).
+  """
+  samples = []
+  mean, stop = 0.0, False
+  while len(samples) < max_probes and not stop:
+    for value in np.asarray(probe_chunk(len(samples)), np.float64):
+      samples.append(value)
+      prev, mean = mean, float(np.mean(samples))
+      stop |= abs(mean - prev) / (abs(prev) + 1e-6) < tol
+  n = len(samples)
+  stderr = float(np.std(samples, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+  return TraceEstimate(mean, stderr, n)
 
 
 # ---------------------------------------------------------------- Lanczos and power iteration
 
-def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int):
+def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int, unroll: bool):
   """m Lanczos steps with full reorthogonalisation (classical Gram-Schmidt, twice).
 
   Returns (alphas [m], betas [m-1], basis [m, n], unravel). The basis is one flat [m, n] array,
@@ -183,7 +200,8 @@ def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int):
     def restart(_):
       r_N = _rademacher_flat(jax.random.fold_in(jax.random.key(0), j), n, dtype)
       r_N = project_out(basis_MxN, project_out(basis_MxN, r_N))
-      return r_N / jnp.linalg.norm(r_N), jnp.zeros((), dtype)
+      # r = 0 once the basis spans everything (num_steps > n): the remaining steps add zeros.
+      return r_N / jnp.maximum(jnp.linalg.norm(r_N), tiny), jnp.zeros((), dtype)
 
     breakdown = beta <= tiny * jnp.linalg.norm(hv_N)
     v_N, beta = lax.cond(breakdown, restart, lambda _: (w_N / beta, beta), None)
@@ -191,7 +209,7 @@ def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int):
 
   init = (jnp.zeros((num_steps, n), dtype), v_N / jnp.linalg.norm(v_N),
           jnp.zeros(num_steps, dtype), jnp.zeros(num_steps, dtype))
-  basis_MxN, _, alphas_M, betas_M = lax.fori_loop(0, num_steps, body, init)
+  basis_MxN, _, alphas_M, betas_M = lax.fori_loop(0, num_steps, body, init, unroll=unroll)
   return alphas_M, betas_M[:-1], basis_MxN, unravel
 
 
@@ -207,9 +225,9 @@ class Eigen(NamedTuple):
 
 
 def top_eigenvalues(loss_fn: LossFn, params: Pytree, v0: Pytree, *, num_steps: int = 20,
-                    k: int = 1) -> Eigen:
+                    k: int = 1, unroll: bool = False) -> Eigen:
   """Top-k (largest algebraic) eigenvalues by Lanczos from v0, e.g. rademacher_like(key, params)."""
-  alphas_M, betas, basis_MxN, unravel = _lanczos(loss_fn, params, v0, num_steps)
+  alphas_M, betas, basis_MxN, unravel = _lanczos(loss_fn, params, v0, num_steps, unroll)
   theta_M, s_MxM = _tridiag_eigh(alphas_M, betas)
   top_N = jnp.matmul(s_MxM[:, -1], basis_MxN, precision=_HIGHEST)
   return Eigen(theta_M[::-1][:k], unravel(top_N / jnp.linalg.norm(top_N)), jnp.int32(num_steps))
@@ -246,8 +264,8 @@ class SpectralDensity(NamedTuple):
 
 
 def spectral_density(loss_fn: LossFn, params: Pytree, key: jax.Array, *, num_starts: int = 4,
-                     num_steps: int = 30, num_grid: int = 512, sigma: float | None = None
-                     ) -> SpectralDensity:
+                     num_steps: int = 30, num_grid: int = 512, sigma: float | None = None,
+                     unroll: bool = False) -> SpectralDensity:
   """Stochastic Lanczos quadrature (Ghorbani et al. 2019; PyHessian's density).
 
   Each start v (Rademacher, start s uses fold_in(key, s)) gives the Gauss quadrature of the
@@ -255,15 +273,18 @@ def spectral_density(loss_fn: LossFn, params: Pytree, key: jax.Array, *, num_sta
   so sum(w * nodes^p) = v^T H^p v / |v|^2 exactly for p < 2m. The density averages the starts,
   each node broadened by a Gaussian of width sigma (default 1% of the spectrum's range) on a grid
   padded by 5 sigma, then normalised to integrate to 1 on the grid. The mean sum(w * nodes) / s
-  estimates tr(H) / n. Starts run one after another (lax.map): each holds its own [m, n] basis.
+  estimates tr(H) / n. Starts run one after another: each holds its own [m, n] basis.
   """
   def one_start(s):
     v0 = rademacher_like(jax.random.fold_in(key, s), params)
-    alphas_M, betas, _, _ = _lanczos(loss_fn, params, v0, num_steps)
+    alphas_M, betas, _, _ = _lanczos(loss_fn, params, v0, num_steps, unroll)
     theta_M, s_MxM = _tridiag_eigh(alphas_M, betas)
     return theta_M, s_MxM[0] ** 2
 
-  nodes_SxM, weights_SxM = lax.map(one_start, jnp.arange(num_starts))
+  if unroll:  # num_starts x num_steps HVPs in straight-line code: long to compile
+    nodes_SxM, weights_SxM = (jnp.stack(a) for a in zip(*map(one_start, range(num_starts))))
+  else:
+    nodes_SxM, weights_SxM = lax.map(one_start, jnp.arange(num_starts))
   lo, hi = nodes_SxM.min(), nodes_SxM.max()
   width = jnp.maximum(hi - lo, 1e-6 * jnp.maximum(jnp.abs(hi), jnp.abs(lo)) + 1e-12)
   sig = 0.01 * width if sigma is None else jnp.asarray(sigma, nodes_SxM.dtype)
@@ -291,7 +312,7 @@ def _sharpness(loss, max_loss) -> Sharpness:
 
 
 def epsilon_sharpness(loss_fn: LossFn, params: Pytree, *, eps: float = 1e-3,
-                      num_steps: int = 10) -> Sharpness:
+                      num_steps: int = 10, unroll: bool = False) -> Sharpness:
   """Keskar et al. 2017 metric 2.1 in the full space (A = I), box |z_i| <= eps (|x_i| + 1).
 
   Inner max by projected sign-gradient ascent from z = 0: step t moves every coordinate by
@@ -311,7 +332,8 @@ def epsilon_sharpness(loss_fn: LossFn, params: Pytree, *, eps: float = 1e-3,
     return z, jnp.maximum(best, f)
 
   loss = loss_fn(params)
-  z, best = lax.fori_loop(0, num_steps, body, (jax.tree.map(jnp.zeros_like, params), loss))
+  init = (jax.tree.map(jnp.zeros_like, params), loss)
+  z, best = lax.fori_loop(0, num_steps, body, init, unroll=unroll)
   return _sharpness(loss, jnp.maximum(best, loss_fn(jax.tree.map(jnp.add, params, z))))
 
 
@@ -323,7 +345,6 @@ def epsilon_sharpness_lbfgsb(loss_fn: LossFn, params: Pytree, *, eps: float = 1e
   not for the training loop. On the test MLP, 10 L-BFGS-B iterations reach less than 10
   sign-gradient steps (eps=1e-2: phi 0.72 vs 4.2), so the projected method is the default.
   """
-  import numpy as np
   from scipy.optimize import Bounds, minimize
 
   x_N, unravel = ravel_pytree(params)

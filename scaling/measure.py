@@ -53,14 +53,14 @@ class Measure:
       return jax.jit(lambda p, bs, data, *args: fn(lambda q: loss(q, bs, *data), p, *args))
 
     self._grad = bind(lambda f, p: jax.grad(f)(p))
-    self._trace = bind(lambda f, p, key: curvature.hutchinson_trace(
-        f, p, key, max_probes=cc.max_probes, chunk_size=cc.probe_chunk, tol=cc.trace_tol))
+    self._probes = bind(lambda f, p, key, start: curvature.hutchinson_probes(
+        f, p, key, start, cc.probe_chunk, unroll=cc.unroll))
     self._eigen = bind(lambda f, p, v0: curvature.top_eigenvalues(
-        f, p, v0, num_steps=cc.lanczos_steps, k=cc.top_k))
+        f, p, v0, num_steps=cc.lanczos_steps, k=cc.top_k, unroll=cc.unroll))
     self._sharpness = bind(lambda f, p: curvature.epsilon_sharpness(
-        f, p, eps=cc.sharpness_eps, num_steps=cc.sharpness_steps))
+        f, p, eps=cc.sharpness_eps, num_steps=cc.sharpness_steps, unroll=cc.unroll))
     self._density = bind(lambda f, p, key: curvature.spectral_density(
-        f, p, key, num_starts=cc.density_starts, num_steps=cc.density_steps))
+        f, p, key, num_starts=cc.density_starts, num_steps=cc.density_steps, unroll=cc.unroll))
 
   def _timed(self, fn, state, *args):
     """(result on the host, seconds of the compiled computation: compilation not counted)."""
@@ -78,7 +78,13 @@ class Measure:
     if v0 is None:
       v0 = curvature.rademacher_like(jax.random.fold_in(key, 1), state.params)
     grad_s = min(self._timed(self._grad, state)[1] for _ in range(3))   # cheap: best of 3
-    trace, trace_s = self._timed(self._trace, state, jax.random.fold_in(key, 0))
+    trace_key = jax.random.fold_in(key, 0)
+    self._timed(self._probes, state, trace_key, jnp.int32(0))   # compile (and warm) the chunk
+    start = time.perf_counter()
+    trace = curvature.hutchinson_trace(
+        lambda first: self._timed(self._probes, state, trace_key, jnp.int32(first))[0],
+        max_probes=self.cc.max_probes, tol=self.cc.trace_tol)
+    trace_s = time.perf_counter() - start
     eigen, eigen_s = self._timed(self._eigen, state, v0)
     self.top_vector = jax.tree.map(jnp.asarray, eigen.eigenvector)
     sharp, sharp_s = self._timed(self._sharpness, state)
