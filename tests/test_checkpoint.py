@@ -34,18 +34,10 @@ def trial_config(**overrides):
                         **overrides})
 
 
-def _leaves(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def cli_flags(config) -> list[str]:
   """--config.x=y for every field where `config` differs from configs/mnist.py."""
-  default = dict(_leaves(mnist.get_config().to_dict()))
-  return [f"--config.{k}={v}" for k, v in _leaves(config.to_dict()) if default.get(k) != v]
+  default = dict(sweep._leaves(mnist.get_config().to_dict()))
+  return [f"--config.{k}={v}" for k, v in sweep._leaves(config.to_dict()) if default.get(k) != v]
 
 
 def start(workdir, **overrides) -> subprocess.Popen:
