@@ -1,12 +1,14 @@
 """Cost of each curvature metric in units of one jitted gradient, on MNIST-sized models.
 
     python benchmarks/bench_curvature.py [--batch_size=1024] [--models=mlp,cnn] [--repeats=3]
+                                         [--rolled_probe_cnn]
 
 Random 28x28 inputs (timing only). Every function is compiled ahead (.lower().compile(), its
 compile time printed), then each ratio is the median over rounds of (metric time / median of 3
 gradient times right before it), so load from other processes mostly cancels
-(curvature.relative_cost). The CNN runs the loops unrolled: see "XLA:CPU and convolutions" in
-scaling/curvature.py; one rolled probe is timed to show why.
+(curvature.relative_cost). On CPU the CNN runs the loops unrolled: see "XLA:CPU and
+convolutions" in scaling/curvature.py; --rolled_probe_cnn times one probe inside lax.map to show
+why (~77 gradients, about 20 minutes at batch 1024 on 2 cores).
 """
 import argparse
 import time
@@ -19,7 +21,7 @@ from scaling import curvature as cv
 from scaling.models import MLP, SimpleCNN, parameter_count
 
 
-def bench(name, model, batch_size, repeats, unroll):
+def bench(name, model, batch_size, repeats, unroll, rolled_probe):
   rng = np.random.default_rng(0)
   x_BxHxWxC = jnp.asarray(rng.uniform(size=(batch_size, 28, 28, 1)), jnp.float32)
   y_B = jnp.asarray(rng.integers(0, 10, batch_size))
@@ -50,7 +52,6 @@ def bench(name, model, batch_size, repeats, unroll):
   cases = [  # (label, divide by, builder of a compiled thunk)
       ("hvp fwd-over-rev", 1, metric(lambda f, p, v: cv.hvp(f, p, v, "fwd_rev"))),
       ("hvp rev-over-rev", 1, metric(lambda f, p, v: cv.hvp(f, p, v, "rev_rev"))),
-      ("hutchinson, 1 probe in a rolled loop (lax.map)", 1, probes(1, False)),
       (f"hutchinson, 10-probe chunk / 10 (unroll={unroll})", 10, probes(10, unroll)),
       (f"lanczos, 20 steps (unroll={unroll})", 1,
        metric(lambda f, p, v: cv.top_eigenvalues(f, p, v, num_steps=20, unroll=unroll))),
@@ -59,6 +60,8 @@ def bench(name, model, batch_size, repeats, unroll):
       (f"per-group grads + stats (G={groups})", 1,
        lambda: compiled(group_stats, params, x_BxHxWxC, y_B)),
   ]
+  if rolled_probe or not unroll:
+    cases.insert(2, ("hutchinson, 1 probe in a rolled loop (lax.map)", 1, probes(1, False)))
   if not unroll:  # a while_loop with no unroll: ~20-40x slower per step for a CNN on CPU
     cases.insert(5, ("power iteration, 20 steps", 1, metric(
         lambda f, p, v: cv.power_iteration(f, p, v, max_steps=20, tol=0.0))))
@@ -78,11 +81,13 @@ def main():
   parser.add_argument("--batch_size", type=int, default=1024)
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rolled_probe_cnn", action="store_true")
   args = parser.parse_args()
   models = {"mlp": ("MLP 784-512-512-10", MLP((512, 512), 10), False),
             "cnn": ("Shallue simple CNN", SimpleCNN(10), jax.default_backend() == "cpu")}
   for name in args.models.split(","):
-    bench(*models[name][:2], args.batch_size, args.repeats, unroll=models[name][2])
+    title, model, unroll = models[name]
+    bench(title, model, args.batch_size, args.repeats, unroll, args.rolled_probe_cnn)
 
 
 if __name__ == "__main__":

@@ -109,10 +109,9 @@ def test_unrolled_loops_give_the_same_numbers(f64):
   v0, key = cv.rademacher_like(jax.random.key(0), params), jax.random.key(1)
 
   def metrics(p, unroll):
-    return (cv.top_eigenvalues(loss_fn, p, v0, num_steps=6, k=3, unroll=unroll).eigenvalues,
-            cv.hutchinson_probes(loss_fn, p, key, 5, 3, unroll=unroll),
-            cv.epsilon_sharpness(loss_fn, p, num_steps=3, unroll=unroll).sharpness,
-            cv.spectral_density(loss_fn, p, key, num_starts=2, num_steps=2, unroll=unroll).nodes)
+    return (cv.top_eigenvalues(loss_fn, p, v0, num_steps=4, k=2, unroll=unroll).eigenvalues,
+            cv.hutchinson_probes(loss_fn, p, key, 5, 2, unroll=unroll),
+            cv.epsilon_sharpness(loss_fn, p, num_steps=2, unroll=unroll).sharpness)
 
   run = jax.jit(metrics, static_argnums=1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9),
@@ -142,7 +141,7 @@ def test_spectral_density_quadrature(problem, f64):
 
 
 def test_lanczos_on_diagonal_quadratic_is_exact_past_breakdown():
-  """6 eigenvalues, 8 Lanczos steps: the Krylov space is exhausted after 6, the rest adds nothing."""
+  """6 eigenvalues, 8 Lanczos steps: the Krylov space is used up after 6; the rest adds nothing."""
   a_N = jnp.array([-1.0, 0.5, 2.0, 3.0, 5.0, 8.0])
   f = lambda x: 0.5 * jnp.sum(a_N * x ** 2)
   x_N, v0 = jnp.zeros(6), cv.rademacher_like(jax.random.key(0), jnp.zeros(6))
@@ -155,7 +154,7 @@ def test_lanczos_on_diagonal_quadratic_is_exact_past_breakdown():
   top, slq = both(x_N)
   np.testing.assert_allclose(top.eigenvalues, [8, 5, 3], rtol=1e-5)
   assert np.all(np.isfinite(slq.density))
-  for nodes_M, weights_M in zip(slq.nodes, slq.weights):  # each Rademacher start: 1/6 per eigenvalue
+  for nodes_M, weights_M in zip(slq.nodes, slq.weights):  # a Rademacher start: 1/6 per eigenvalue
     used_M = weights_M > 1e-6
     np.testing.assert_allclose(np.sort(nodes_M[used_M]), a_N, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(weights_M[used_M], 1 / 6, rtol=1e-5)
