@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from scaling import data, tfds_builders
+from scaling import data
+from scaling.data import tfds_builders
 
 TINY_DIR = pathlib.Path(__file__).parent / "data" / "mnist_tiny"
 

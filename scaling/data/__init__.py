@@ -1,7 +1,7 @@
 """Loading stage: a data set name -> uint8 numpy arrays, the validation split held out of train.
 
 'mnist', 'fashion_mnist' and 'mnist_tiny' are prepared offline on first use by the project's own
-TFDS builders (scaling/tfds_builders.py); 'digits' is scikit-learn's bundled 8x8 set; any other name
+TFDS builders (scaling/data/tfds_builders.py); 'digits' is scikit-learn's bundled 8x8 set; any other name
 must already be prepared in the TFDS data dir, since no machine here can download a data set.
 """
 import dataclasses
@@ -11,7 +11,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from scaling import tfds_builders
+from scaling.data import tfds_builders
 
 _BUILDERS = {
     "mnist": tfds_builders.ScalingMnist,
