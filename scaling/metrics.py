@@ -1,7 +1,12 @@
-"""Metrics sinks: metrics.jsonl (the source of truth), TensorBoard events beside it, the console.
+"""Metrics sinks: metrics.jsonl (the source of truth), TensorBoard events beside it, the console;
+and `write_json`, the atomic JSON writer of every small file a trial keeps (config, summary).
 
-Only process 0 writes; every record carries `step`, `examples` and `wall_time`.
+Only process 0 writes; every record carries `step`, `examples` and `wall_time`. A full disk is
+reported as `DiskFull`: one line naming the file, raised when it happens, with nothing half-written
+left behind (temporary files removed; a cut metrics line is dropped on resume by `truncate_after`).
 """
+import contextlib
+import errno
 import json
 import math
 import os
@@ -18,6 +23,45 @@ def _plain(value):
   if isinstance(value, float) or isinstance(value, int) or isinstance(value, list):
     return value
   return float(value)
+
+
+class DiskFull(Exception):
+  """No space left on the device while writing a trial's files: one line, what and where."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """ENOSPC/EDQUOT from Python, or from TensorStore (Orbax), which reports it in its message."""
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+@contextlib.contextmanager
+def reporting_disk_full(what: str, path: str):
+  """Turns a full disk while writing `what` into DiskFull (one line); other errors pass."""
+  try:
+    yield
+  except Exception as error:
+    if not is_disk_full(error):
+      raise
+    raise DiskFull(f"disk full while writing {what}: free space on the disk of"
+                   f" {path} and rerun (the trial resumes from its last checkpoint)") from None
+
+
+def write_json(path: str, obj) -> None:
+  """Atomic: a reader (the report, a resuming run) never sees half a file; on a full disk the
+  previous file is kept and the temporary one removed."""
+  if jax.process_index() != 0:
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with reporting_disk_full(os.path.basename(path), path):
+      with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 class MetricsWriter:
@@ -44,7 +88,8 @@ class MetricsWriter:
     record = {"step": int(step), "examples": int(step) * self.batch_size,
               "wall_time": round(self.elapsed(), 3)}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    with reporting_disk_full("metrics.jsonl", self._jsonl.name):
+      self._jsonl.write(json.dumps(record) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, global_step=step)
@@ -61,13 +106,15 @@ class MetricsWriter:
 
   def flush(self) -> None:
     if self.enabled:
-      self._jsonl.flush()
-      self._tb.flush()
+      with reporting_disk_full("metrics.jsonl", self._jsonl.name):
+        self._jsonl.flush()
+        self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      with reporting_disk_full("metrics.jsonl", self._jsonl.name):
+        self._tb.close()
+        self._jsonl.close()
 
 
 def truncate_after(path: str, step: int) -> None:
@@ -83,6 +130,11 @@ def truncate_after(path: str, step: int) -> None:
       except (ValueError, KeyError):  # a line cut by a kill mid-write
         pass
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  try:
+    with reporting_disk_full("metrics.jsonl", path):
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
