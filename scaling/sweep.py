@@ -239,12 +239,17 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
     return
   path = os.path.join(workdir, "sweep.csv")
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, CSV_COLUMNS)
-    writer.writeheader()
-    for trial, plan in zip(trials, plans):
-      writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
-  os.replace(tmp, path)
+  try:
+    with metrics.reporting_disk_full("sweep.csv", path):
+      with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for trial, plan in zip(trials, plans):
+          writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def main(config, workdir: str, trial: str | None = None, list_only: bool = False) -> list[dict]:
