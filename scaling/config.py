@@ -151,8 +151,9 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   path, *args = spec.split(":", 1)
   flag = f"--config={spec}"
   if not os.path.isfile(path):
-    raise ConfigError(f"{flag}: no such file{' (it is a directory)' if os.path.isdir(path) else ''}:"
-                      " give the path of a config .py file, e.g. --config=configs/mnist.py")
+    what = "is a directory" if os.path.isdir(path) else "no such file"
+    raise ConfigError(f"{flag}: {what}: give the path of a config .py file, e.g."
+                      " --config=configs/mnist.py")
   if not path.endswith(".py"):
     raise ConfigError(f"{flag} is not a Python file: a config is a .py file whose get_config()"
                       " returns an ml_collections.ConfigDict, e.g. configs/mnist.py")

@@ -67,7 +67,8 @@ def _explain(error: Exception | None, argv: list[str]) -> str:
     value = config
     for name in field.group(1).split("."):
       value = value[name]
-    message += f": {field.group(1)} takes {type(value).__name__} values (the config file has {value!r})"
+    message += (f": {field.group(1)} takes {type(value).__name__} values (the config file has"
+                f" {value!r})")
   return message
 
 

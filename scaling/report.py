@@ -471,7 +471,8 @@ def check_workdir(workdir):
           content = json.load(f)
         problem = None if isinstance(content, dict) else "not a JSON object"
       except OSError as error:
-        raise ConfigError(f"{path} cannot be read ({error.strerror}): fix its permissions") from None
+        raise ConfigError(f"{path} cannot be read ({error.strerror}): fix its permissions"
+                          ) from None
       except ValueError as error:
         problem = f"not JSON: {error}"
       if problem:
