@@ -103,16 +103,16 @@ def check_workdir(workdir: str) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file it writes at INFO
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    import jax
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if _CACHE.value:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
     if not _LIST.value:    # listing a sweep (someone else's, read-only) writes nothing
       check_workdir(_WORKDIR.value)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      import jax
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _CACHE.value:
+      import jax
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from scaling import sweep
     sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value, list_only=_LIST.value)
   except ConfigError as error:  # bad input: one line naming the field and the fix
