@@ -23,7 +23,7 @@ import numpy as np
 from scaling import checkpoint, curvature, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
 
 
@@ -77,6 +77,7 @@ def load_data(dataset) -> data.Splits:
 
 def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   """Every check that needs no training, so that a sweep fails before its first trial starts."""
+  check_fields(config)
   if config.batch_size % num_devices:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices}"
                       f" devices: use a multiple of {num_devices}")
@@ -85,10 +86,6 @@ def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
                       f" devices and divide batch_size={config.batch_size}")
   if config.chunk_steps < 1:
     raise ConfigError(f"chunk_steps={config.chunk_steps} must be >= 1")
-  multiple = config.divergence.loss_multiple
-  if not (multiple == 0 or 1 < multiple < math.inf):
-    raise ConfigError(f"divergence.loss_multiple={multiple!r} must be a finite number > 1"
-                      " (or 0: only a non-finite loss counts as divergence)")
   plan = schedule.make_plan(config, num_train)
   steplib.make_optimizer(config.optimizer, 0.1)
   models.build(config.model, 10)

@@ -79,7 +79,7 @@ def test_with_the_multiple_off_only_a_non_finite_loss_diverges(tmp_path):
 def test_a_bad_loss_multiple_is_one_line_before_training(tmp_path, value):
   process = cli(["-m", "scaling.main", "--config=configs/mnist_sweep_tiny.py",
                  f"--workdir={tmp_path}", f"--config.divergence.loss_multiple={value}"])
-  assert_one_line_error(process, "divergence.loss_multiple=", "must be a finite number > 1")
+  assert_one_line_error(process, "divergence.loss_multiple=", "invalid: use a finite number > 1")
   assert not os.path.exists(tmp_path / "trials")
 
 
