@@ -49,7 +49,7 @@ def _quiet_orbax_about(record) -> bool:
   if "orbax" not in record.pathname:
     return True
   texts = [record.getMessage()] + ([str(record.exc_info[1])] if record.exc_info else [])
-  return not any(metrics.is_disk_full(RuntimeError(t)) for t in texts)
+  return not any(metrics.mentions_disk_full(t) for t in texts)
 
 
 def _drop_closed_loop_noise(previous_hook):

@@ -29,11 +29,15 @@ class DiskFull(Exception):
   """No space left on the device while writing a trial's files: one line, what and where."""
 
 
+def mentions_disk_full(text: str) -> bool:
+  return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def is_disk_full(error: BaseException) -> bool:
   """ENOSPC/EDQUOT from Python, or from TensorStore (Orbax), which reports it in its message."""
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
     return True
-  return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+  return mentions_disk_full(str(error))
 
 
 @contextlib.contextmanager

@@ -282,3 +282,41 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"from step {saved[-1]}" in rerun.stdout
   assert read_summary(kept)["status"] == "done"
+
+
+# Orbax's own tracebacks stay out of the checkpoint-fallback warning.
+
+FALLBACK_SCRIPT = """
+import os, shutil, sys
+from tests.test_checkpoint import abstract_state, small_state
+from scaling import checkpoint
+root = sys.argv[1]
+for attempt in range(5):   # TensorStore's late callbacks print only now and then
+  directory = os.path.join(root, str(attempt))
+  ckpts = checkpoint.Checkpoints(directory, keep=3)
+  for step in (1, 2):
+    ckpts.save(step, small_state(float(step)), {"step": step})
+  ckpts.close()
+  os.truncate(os.path.join(directory, "2", "state", "manifest.ocdbt"), 0)
+  ckpts = checkpoint.Checkpoints(directory, keep=3)
+  assert ckpts.restore_latest(abstract_state())[0] == 1
+  ckpts.close()
+"""
+
+
+def test_a_damaged_checkpoint_warns_in_one_line_without_orbax_tracebacks(tmp_path):
+  process = cli(["-c", FALLBACK_SCRIPT, str(tmp_path)])
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert "Traceback" not in process.stderr, process.stderr[-3000:]
+  warnings = [line for line in process.stderr.splitlines() if "unusable" in line]
+  assert len(warnings) == 5 and all("step 2" in w for w in warnings)
+
+
+def test_the_noise_filter_drops_only_closed_loop_callbacks():
+  seen = []
+  hook = checkpoint._drop_closed_loop_noise(seen.append)
+  noise = type("U", (), {"exc_type": RuntimeError, "exc_value": RuntimeError("Event loop is closed")})
+  other = type("U", (), {"exc_type": RuntimeError, "exc_value": RuntimeError("something else")})
+  hook(noise)
+  hook(other)
+  assert seen == [other]
