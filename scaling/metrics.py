@@ -10,6 +10,8 @@ import errno
 import json
 import math
 import os
+import sys
+import threading
 import time
 
 import jax
@@ -68,6 +70,17 @@ def write_json(path: str, obj) -> None:
       os.remove(tmp)
 
 
+def _quiet_disk_full(previous_hook):
+  """threading.excepthook / sys.unraisablehook that drops a full-disk error of a background
+  writer or an exit handler (tensorboardX's): the loop reports it in one line. Others go on to
+  `previous_hook`."""
+  def hook(args):
+    if not is_disk_full(args.exc_value):
+      previous_hook(args)
+  hook.drops_disk_full = True
+  return hook
+
+
 class MetricsWriter:
 
   def __init__(self, workdir: str, batch_size: int, total_steps: int, start_step: int = 0,
@@ -80,8 +93,25 @@ class MetricsWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       # TensorBoard hides events at or past purge_step that an interrupted run left behind
       # (metrics.jsonl is truncated the same way; a resumed run starts after its checkpoint).
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=30, max_queue=1000,
                                purge_step=start_step + 1 if start_step else 0)
+      if not getattr(threading.excepthook, "drops_disk_full", False):
+        threading.excepthook = _quiet_disk_full(threading.excepthook)
+      if not getattr(sys.unraisablehook, "drops_disk_full", False):
+        sys.unraisablehook = _quiet_disk_full(sys.unraisablehook)
+
+  def _check_tensorboard(self) -> None:
+    """tensorboardX writes from a thread; when a full disk kills it, its queue fills and the next
+    add_scalar would block forever. (tensorboardX offers no public handle on that thread.)"""
+    worker = getattr(self._tb._get_file_writer().event_writer, "_worker", None)
+    if worker is None or worker.is_alive():
+      return
+    directory = os.path.dirname(self._jsonl.name)
+    stats = os.statvfs(directory)
+    if stats.f_bavail * stats.f_frsize < 1 << 20:
+      raise DiskFull(f"disk full while writing the TensorBoard events in {directory}: free space"
+                     " and rerun (the trial resumes from its last checkpoint)")
+    raise RuntimeError(f"tensorboardX's event writer in {directory} stopped (its error is above)")
 
   def elapsed(self) -> float:
     return time.time() - self._t0
@@ -94,6 +124,7 @@ class MetricsWriter:
     record.update({k: _plain(v) for k, v in metrics.items()})
     with reporting_disk_full("metrics.jsonl", self._jsonl.name):
       self._jsonl.write(json.dumps(record) + "\n")
+    self._check_tensorboard()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, global_step=step)
@@ -117,6 +148,7 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       with reporting_disk_full("metrics.jsonl", self._jsonl.name):
+        self._check_tensorboard()   # closing waits for its thread
         self._tb.close()
         self._jsonl.close()
 

@@ -295,9 +295,12 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
       raise
     except Exception as error:   # this trial's own failure: record it, go on to the next
       summaries.append(record_failure(t, error))
+    except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
+      write_csv(workdir, trials, plans)
+      raise
     finally:
       if lock:
         lock.release()
-      write_csv(workdir, trials, plans)
+    write_csv(workdir, trials, plans)
   write_csv(workdir, trials, plans)
   return summaries

@@ -259,22 +259,34 @@ def _unshare_works() -> bool:
       ["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -m` to mount a small tmpfs")
-def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
-  """A 600 KiB tmpfs holds the tiny trial's first checkpoints but not all of them."""
+def run_on_small_disk(tmp_path, size: str, config) -> subprocess.CompletedProcess:
+  """The trial on a tmpfs of `size` (a private mount namespace); its files are copied to
+  tmp_path/kept when it ends."""
   disk, kept = tmp_path / "disk", tmp_path / "kept"
   os.makedirs(disk)
-  config = tiny_config(**{"budget.length": 64.0, "checkpoint.keep": 10})
-  script = (f"mount -t tmpfs -o size=600k tmpfs {disk} && \"$@\"; rc=$?; "
+  script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && \"$@\"; rc=$?; "
             f"cp -a {disk}/trial {kept}; exit $rc")
   args = [sys.executable, "tests/harness.py", "--config=configs/mnist.py",
           f"--workdir={disk}/trial", *cli_flags(config)]
   process = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *args], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=600)
-  assert_one_line_error(process, "disk full while")
   leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(kept) for n in dirs + files
                if ".tmp" in n or checkpoint.TMP_MARKER in n]
   assert leftovers == []
+  return process
+
+
+needs_unshare = pytest.mark.skipif(not _unshare_works(),
+                                   reason="needs `unshare -m` to mount a small tmpfs")
+
+
+@needs_unshare
+def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
+  """A 600 KiB tmpfs holds the tiny trial's first checkpoints but not all of them."""
+  config = tiny_config(**{"budget.length": 64.0, "checkpoint.keep": 10})
+  process = run_on_small_disk(tmp_path, "600k", config)
+  assert_one_line_error(process, "disk full while saving the checkpoint of step")
+  kept = tmp_path / "kept"
   saved = sorted(int(n) for n in os.listdir(kept / "checkpoints") if n.isdigit())
   assert saved and saved[-1] < 64
   # Nothing earlier lost: the rerun on a roomy disk resumes from the latest and finishes.
@@ -282,6 +294,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"from step {saved[-1]}" in rerun.stdout
   assert read_summary(kept)["status"] == "done"
+
+
+@needs_unshare
+def test_a_full_disk_during_metrics_writes_is_one_line_not_a_hang(tmp_path):
+  """20 KiB fill up with metrics and TensorBoard events long before the end (no checkpoints):
+  tensorboardX's writer thread dies, and its queue used to block the loop forever."""
+  config = tiny_config(**{"budget.length": 400.0, "checkpoint.every_steps": 0,
+                          "eval_every.length": 40.0})
+  process = run_on_small_disk(tmp_path, "20k", config)
+  assert_one_line_error(process, "disk full while writing")
 
 
 # Orbax's own tracebacks stay out of the checkpoint-fallback warning.
