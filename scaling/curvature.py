@@ -153,8 +153,8 @@ def hutchinson_trace(probe_chunk: Callable[[int], jax.Array], *, max_probes: int
       chunk = jax.jit(lambda p, batch, start: hutchinson_probes(
           lambda q: loss(q, batch), p, key, start, 10))
       estimate = hutchinson_trace(lambda start: chunk(params, batch, start))
-  Rule: after each chunk, once at least min_probes are in, stop when the standard error of the
-  mean relative to the mean is at most tol. The probes are i.i.d., so that is the promised
+  Rule: after each chunk, once at least min_probes (and 2) are in, stop when the standard error
+  of the mean relative to the mean is at most tol. The probes are i.i.d., so that is the promised
   accuracy; the minimum keeps the sample std (the rule's own estimate) from being a lucky low
   one. PyHessian's rule (stop when one probe moves the running mean by < tol relative) says
   nothing about the error: at tol=1e-3 it stopped with 5-14% relative error at per-probe
@@ -167,7 +167,8 @@ def hutchinson_trace(probe_chunk: Callable[[int], jax.Array], *, max_probes: int
   while len(samples) < max_probes:
     samples.extend(np.asarray(probe_chunk(len(samples)), np.float64).tolist())
     n, mean = len(samples), float(np.mean(samples))
-    if tol > 0 and n >= max(min_probes, 2) and np.std(samples, ddof=1) / np.sqrt(n) <= tol * abs(mean):
+    stderr = np.std(samples, ddof=1) / np.sqrt(n) if n > 1 else np.inf
+    if tol > 0 and n >= min_probes and stderr <= tol * abs(mean):
       break
   n = len(samples)
   stderr = float(np.std(samples, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
@@ -181,10 +182,11 @@ def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int, unroll
 
   Returns (alphas [m], betas [m], basis [m, n], unravel): T is tridiagonal with alphas on the
   diagonal and betas[:-1] beside it, and H Q^T = Q^T T + betas[-1] q_{m+1} e_m^T, so a Ritz pair
-  (theta_i, Q^T s_i) has residual |H y - theta y| = |betas[-1] * s_i[-1]| (Parlett, ch. 13). The basis is one flat [m, n] array,
-  not tree-stacked: a projection is then two matrix-vector products whatever the number of
-  leaves, and compilation is 2-3x faster (test MLP: 3 s vs 7.5 s). The four projections read the
-  basis 4 times a step: memory-bound, ~0.6 gradients a step at m=20 for the 670k MLP, batch 1024.
+  (theta_i, Q^T s_i) has residual |H y - theta y| = |betas[-1] * s_i[-1]| (Parlett, ch. 13).
+  The basis is one flat [m, n] array, not tree-stacked: a projection is then two matrix-vector
+  products whatever the number of leaves, and compilation is 2-3x faster (test MLP: 3 s vs
+  7.5 s). The four projections read the basis 4 times a step: memory-bound, ~0.6 gradients a step
+  at m=20 for the 670k MLP, batch 1024.
   On breakdown (the Krylov space is invariant, e.g. v0 an exact eigenvector) the next vector is a
   fresh random one orthogonal to the basis and its beta is set to 0, so T splits into blocks whose
   eigenvalues are still eigenvalues of H; the block holding e_1 carries all of v0's weight.
