@@ -16,8 +16,11 @@ import json
 import logging
 import math
 import os
+import sys
 
 import numpy as np
+
+from scaling.config import ConfigError
 
 # Perfect scaling "holds" at batch size B while the examples to target are within this factor of
 # those at the group's smallest batch size (on the perfect-scaling line E is constant).
@@ -450,9 +453,41 @@ def write_report(workdir):
   return out
 
 
+def check_workdir(workdir):
+  """The report's bad input, as one ConfigError before anything is written: a workdir that is not
+  a directory, or a trial's config.json / summary.json that is not a JSON object (both are written
+  atomically, so a reader never sees half of one: such a file was damaged after the fact)."""
+  if not os.path.isdir(workdir):
+    what = "is not a directory" if os.path.exists(workdir) else "does not exist"
+    raise ConfigError(f"--workdir={workdir} {what}: pass the --workdir given to scaling.main")
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = sorted(d for d in dirs if not (root == workdir and d == REPORT_DIR))
+    for name in ("config.json", "summary.json") if "config.json" in files else ():
+      path = os.path.join(root, name)
+      if name not in files:
+        continue
+      try:
+        with open(path) as f:
+          content = json.load(f)
+        problem = None if isinstance(content, dict) else "not a JSON object"
+      except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror}): fix its permissions"
+                          ) from None
+      except ValueError as error:
+        problem = f"not JSON: {error}"
+      if problem:
+        raise ConfigError(f"{path} is corrupt ({problem}): delete it and rerun that trial with"
+                          " scaling.main, which rewrites it (from the trial's checkpoint if it"
+                          " has one), then rerun the report")
+
+
 def main(argv):
   from absl import flags
   del argv
+  try:
+    check_workdir(flags.FLAGS.workdir)
+  except ConfigError as error:  # bad input: one line naming the file and the fix
+    sys.exit(f"report error: {error}")
   print(f"report written to {os.path.join(write_report(flags.FLAGS.workdir), 'index.html')}")
 
 
@@ -460,4 +495,12 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Sweep (or single-trial) workdir to report on.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as error:
+      sys.exit(f"report error: {error} (usage: python -m scaling.report --workdir=DIR, the"
+               " --workdir given to scaling.main)")
+
+  app.run(main, flags_parser=parse_flags)
