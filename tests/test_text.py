@@ -162,6 +162,9 @@ def test_one_and_eight_devices_agree_on_transformer_steps():
       s, metrics = step(s, *sharding.put_batch((x, y), mesh))
       losses.append(float(metrics["train/loss"]))
     results[devices] = (losses, jax.device_get(s.params))
+  # Only the order of the gradient all-reduce differs (float32, ~1e-7 relative per sum); three
+  # plain SGD steps carry it forward without amplification (no Adam normalisation, no BN), so
+  # losses agree to 1e-5 and parameters to tests/agree.py's plain-quantity rtol of 2e-4.
   np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
   assert results[1][0][2] < results[1][0][0]   # it learns
   for a, b in zip(jax.tree.leaves(results[8][1]), jax.tree.leaves(results[1][1])):
