@@ -33,6 +33,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file it writes at INFO
   if _DISTRIBUTED.value or _COORDINATOR.value:
     import jax
+    from scaling import launch
+    try:   # detected from Slurm: its tasks must be the processes, else initialize() waits for ever
+      if not _COORDINATOR.value:
+        launch.check_slurm_processes(os.environ, _NUM_PROCESSES.value)
+    except ConfigError as error:
+      sys.exit(f"config error: {error}")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _CACHE.value:
     import jax

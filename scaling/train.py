@@ -212,7 +212,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "chunk_steps", "eval_batch_size")
+                     "chunk_steps", "eval_batch_size", "cluster")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
