@@ -407,8 +407,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
           and step < plan.total_steps):
-        book["status"] = "preempted"
-        save(state, step)
+        book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
         break
     if book["status"] == "running":
       book["status"] = "done"

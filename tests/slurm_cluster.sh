@@ -71,6 +71,9 @@ start() {
   wait_for "$WAIT_S" "munged's socket" test -S "$DIR/munge/munge.socket"
 
   mkdir -p "$DIR/state" "$DIR/spool"
+  # At least 4 CPUs (config_overrides lets it claim more than there are): room for more array
+  # tasks than a test's throttle lets run.
+  local cpus; cpus=$(( $(nproc) > 4 ? $(nproc) : 4 ))
   local mem_mb; mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
   cat >"$DIR/slurm.conf" <<EOF
 ClusterName=scalingtest
@@ -105,7 +108,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 KillWait=5
 MinJobAge=600
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem_mb State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF=$DIR/slurm.conf

@@ -3,6 +3,7 @@ runs them against a real one)."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -273,3 +274,28 @@ def test_status_of_a_single_run_and_of_an_empty_workdir(tmp_path):
   (row,) = status.sweep_status(str(tmp_path))
   assert (row.index, row.id, row.status, row.step, row.total_steps) == (None, "trial", "preempted",
                                                                        8, 24)
+
+
+def test_sigterm_during_the_segment_of_a_checkpoint_preempts_at_that_checkpoint(tmp_path, monkeypatch):
+  """What `scancel --signal=TERM` right after a checkpoint hit in tests/test_slurm.py: the trial
+  used to save the same step a second time and crash (Orbax StepAlreadyExistsError) instead of
+  stopping as preempted."""
+  from tests.tiny import tiny_config
+  from scaling import checkpoint
+  save = checkpoint.Checkpoints.save
+
+  def save_then_sigterm(self, step, state, bookkeeping):
+    save(self, step, state, bookkeeping)
+    if step == 8:   # the signal lands after the regular checkpoint, before the loop checks it
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_sigterm)
+  config = tiny_config()
+  with pytest.raises(train.Preempted) as stopped:
+    train.run(config, str(tmp_path))
+  assert stopped.value.code == 128 + signal.SIGTERM
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f)["status"] == "preempted"
+  monkeypatch.undo()
+  summary = train.run(config, str(tmp_path))
+  assert (summary["status"], summary["step"]) == ("done", 24)
