@@ -8,10 +8,9 @@
 3. SIGTERM to a running array task (scancel --signal=TERM): the trial checkpoints and stops as
    `preempted`, the task requeues itself and the trial resumes and finishes.
 
-Marked `slurm` (a few minutes, most of it starting Python and compiling in each task): the default
-run leaves it out, `python3 -m pytest -m slurm` runs it (.ci/run does). Without Slurm it skips,
-except under CI=true, where Slurm is installed (Debian) and a cluster that does not start is a
-failure. Every wait is bounded.
+About 2 minutes on 2 busy cores, most of it starting Python and compiling in each task. Without
+Slurm (or without root) it skips, except under CI=true, where Slurm is installed (Debian) and a
+cluster that does not start is a failure. Every wait is bounded.
 """
 import csv
 import json
@@ -28,8 +27,6 @@ import numpy as np
 import pytest
 
 from tests import test_multiprocess as multiprocess
-
-pytestmark = pytest.mark.slurm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_SCRIPT = os.path.join(REPO, "tests", "slurm_cluster.sh")
