@@ -317,9 +317,10 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+  from scaling import config as config_lib
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "The sweep's directory: shared by every node.")
   flags.DEFINE_bool("submit", False, "Submit the script with sbatch and print the job id.")
   flags.DEFINE_bool("dry_run", False, "Only print the script: write and submit nothing.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

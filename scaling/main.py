@@ -3,13 +3,19 @@
     python -m scaling.main --config=configs/mnist_sweep.py --workdir=runs/mnist_sweep
     python -m scaling.main --config=configs/mnist_sweep.py --workdir=runs/x --list_trials
     python -m scaling.main --config=configs/mnist_sweep.py --workdir=runs/x --trial=7
+
+Bad input (a config file that does not load, a misspelt --config.<field>, a field's bad value, a
+workdir that cannot be written) exits non-zero with one line, `config error: ...`, that names the
+field and the fix, before any trial trains: never a traceback.
 """
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from scaling import config as config_lib
 from scaling.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -28,28 +34,42 @@ _CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_workdir(workdir: str) -> None:
+  """A workdir that is a file, or where nothing can be created, fails before anything runs."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory:"
+                      " choose another --workdir")
+  try:   # os.access says yes to root even on read-only mounts: try it
+    tempfile.TemporaryFile(dir=existing).close()
+  except OSError as error:
+    raise ConfigError(f"--workdir={workdir} is not writable ({error.strerror} in {existing}):"
+                      " choose a directory you can write to") from None
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file it writes at INFO
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    import jax
-    from scaling import launch
-    try:   # detected from Slurm: its tasks must be the processes, else initialize() waits for ever
-      if not _COORDINATOR.value:
-        launch.check_slurm_processes(os.environ, _NUM_PROCESSES.value)
-    except ConfigError as error:
-      sys.exit(f"config error: {error}")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if _CACHE.value:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from scaling import sweep
   try:
+    if not _LIST.value:    # listing a sweep (someone else's, read-only) writes nothing
+      check_workdir(_WORKDIR.value)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      import jax
+      from scaling import launch
+      if not _COORDINATOR.value:   # detected from Slurm: its tasks must be the processes, else
+        launch.check_slurm_processes(os.environ, _NUM_PROCESSES.value)   # initialize() waits
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _CACHE.value:
+      import jax
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from scaling import sweep
     sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value, list_only=_LIST.value)
   except ConfigError as error:  # bad input: one line naming the field and the fix
     sys.exit(f"config error: {error}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

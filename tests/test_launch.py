@@ -299,3 +299,14 @@ def test_sigterm_during_the_segment_of_a_checkpoint_preempts_at_that_checkpoint(
   monkeypatch.undo()
   summary = train.run(config, str(tmp_path))
   assert (summary["status"], summary["step"]) == ("done", 24)
+
+
+def test_misspelt_cluster_field_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "scaling.launch", f"--config={CONFIG}", f"--workdir={tmp_path}",
+       "--config.cluster.tme=5", "--dry_run"], cwd=REPO, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"config error: --config.cluster.tme: {CONFIG} has no field 'cluster.tme': did you mean"
+      " --config.cluster.time?"]
