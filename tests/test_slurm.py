@@ -23,9 +23,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pytest
 
+from tests import agree
 from tests import test_multiprocess as multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,8 +182,8 @@ def test_array_of_the_tiny_sweep_two_at_a_time(slurm, tmp_path):
 
 
 def test_two_task_srun_trial_matches_one_process(slurm, tmp_path):
-  # test_multiprocess's trial (an MLP on the MNIST slice) and tolerance, without the curvature
-  # that test_multiprocess already compares across processes (it is slow to compile).
+  # test_multiprocess's trial (an MLP on the MNIST slice) and its comparison (tests/agree.py),
+  # without the curvature that test_multiprocess already compares (it is slow to compile).
   no_curvature = "--config.curvature.enabled=False"
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   job, out = submit(slurm, "configs/mnist.py", two, "--config.cluster.tasks_per_node=2",
@@ -200,13 +200,9 @@ def test_two_task_srun_trial_matches_one_process(slurm, tmp_path):
   assert "Rank 1 is connected" in logs(two, tail=None)
   assert not [r for r in multiprocess.read_records(two) if "curvature/loss" in r]
   a, b = multiprocess.read_records(one), multiprocess.read_records(two)
-  assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 6
-  for ra, rb in zip(a, b):
-    keys = {k for k in ra if not multiprocess.is_timing(k)}
-    assert keys == {k for k in rb if not multiprocess.is_timing(k)}, ra["step"]
-    for key in sorted(keys):
-      np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7,
-                                 err_msg=f"step {ra['step']} {key}")
+  assert len(a) >= 6
+  agree.assert_records_agree(b, a, b_small=multiprocess.B // multiprocess.G, b_big=multiprocess.B,
+                             rtol=1e-5, atol=1e-7)
   assert read_json(os.path.join(two, "summary.json"))["status"] == "done"
 
 
