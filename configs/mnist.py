@@ -80,7 +80,7 @@ def get_config():
       signal_seconds=300,     # SIGTERM this long before the time limit: checkpoint, then requeue
       max_requeues=20,        # a trial preempted more often than this stays stopped (a loop guard)
       extra_sbatch=(),        # more sbatch options, e.g. ('--qos=high', '--constraint=a100')
-      setup="",               # shell run before each trial: module load ..., source .venv/bin/activate
+      setup="",               # shell run before each trial: module load ..., source venv/bin/activate
       python="python3",       # the interpreter on the compute nodes (after setup)
   ))
   # Sweep axes mirror the config's fields; every leaf is a tuple of values (see configs/mnist_sweep.py).

@@ -1,8 +1,8 @@
 """Slurm jobs from a config: one sbatch array per sweep, one array task per unfinished trial.
 
-    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/mnist_sweep           # write it
-    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/mnist_sweep --submit  # and sbatch it
-    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/x --dry_run           # only print it
+    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/sweep           # write
+    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/sweep --submit # sbatch
+    python -m scaling.launch --config=configs/mnist_sweep.py --workdir=runs/x --dry_run     # print
 
 The config's `cluster` section (configs/mnist.py) says what a trial gets; `--config.cluster.*`
 overrides it like any field, and every other `--config.*` override is passed on to the trials.
@@ -101,7 +101,8 @@ def read_cluster(config) -> Cluster:
   if cluster.signal_seconds >= limit:
     raise ConfigError(f"cluster.signal_seconds={cluster.signal_seconds} is not shorter than"
                       f" cluster.time={cluster.time!r} ({limit} s): lower it or raise the limit")
-  if cluster.processes > 1 and cluster.gpus_per_node and cluster.tasks_per_node != cluster.gpus_per_node:
+  gpus, tasks = cluster.gpus_per_node, cluster.tasks_per_node
+  if cluster.processes > 1 and gpus and tasks != gpus:
     # JAX on Slurm gives each process the one GPU numbered $SLURM_LOCALID.
     raise ConfigError(f"cluster.tasks_per_node={cluster.tasks_per_node} with gpus_per_node="
                       f"{cluster.gpus_per_node}: a multi-process trial runs one process per GPU,"
@@ -185,8 +186,8 @@ def sbatch_script(cluster: Cluster, *, job_name: str, indices: list[int], num_tr
   lines += [
       trial_command(cluster, config_path, workdir, overrides),
       "code=$?",
-      f"# {PREEMPTED_EXIT} = 128 + SIGTERM: the trial saved a checkpoint and stopped (time limit near,",
-      "# scancel --signal=TERM, preemption). Requeue this task: it resumes from that checkpoint.",
+      f"# {PREEMPTED_EXIT} = 128 + SIGTERM: the trial saved a checkpoint and stopped (time limit",
+      "# near, scancel --signal=TERM, preemption). Requeue this task: it resumes from there.",
       f'if [ "$code" -eq {PREEMPTED_EXIT} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt'
       f' {cluster.max_requeues} ]; then',
       '  echo "$(date -u +%FT%TZ) trial $SLURM_ARRAY_TASK_ID preempted: requeued"',
@@ -298,7 +299,8 @@ def check_slurm_processes(environ, num_processes: int | None) -> None:
   tasks = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
   if num_processes is not None and num_processes != tasks:
     raise ConfigError(f"--num_processes={num_processes} but Slurm started {tasks} task(s) for this"
-                      f" step: drop --num_processes (read from Slurm) or srun --ntasks={num_processes}")
+                      " step: drop --num_processes (read from Slurm) or"
+                      f" srun --ntasks={num_processes}")
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throwaway single-node Slurm cluster on this machine, for tests/test_slurm.py and CI.
 #
-#   tests/slurm_cluster.sh install        # Debian packages slurmctld slurmd slurm-client munge, if missing
+#   tests/slurm_cluster.sh install        # Debian: slurmctld slurmd slurm-client munge, if missing
 #   tests/slurm_cluster.sh start DIR      # munged + slurmctld + slurmd, everything under DIR
 #   SLURM_CONF=DIR/slurm.conf sbatch ...  # the cluster's clients find it through SLURM_CONF
 #   tests/slurm_cluster.sh stop DIR       # cancels jobs, stops the daemons, waits for them to go
@@ -24,14 +24,16 @@ have_all() {
 install() {
   have_all && return 0
   [ "$(id -u)" = 0 ] || die "Slurm is not installed and installing it needs root"
-  command -v apt-get >/dev/null || die "Slurm is not installed and this is not Debian/Ubuntu (no apt-get)"
+  command -v apt-get >/dev/null || die "Slurm is not installed and there is no apt-get for it"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
   have_all || die "apt-get installed Slurm but sbatch/slurmctld/slurmd/munged are not on PATH"
 }
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}
 
 logs() {
   for f in "$DIR"/munge/munged.log "$DIR"/slurmctld.log "$DIR"/slurmd.log; do
@@ -53,7 +55,7 @@ start() {
   [ "$(id -u)" = 0 ] || die "starting a test cluster needs root (slurmd runs jobs as their user)"
   have_all || die "Slurm is not installed: run '$0 install' (Debian, as root)"
   mkdir -p "$DIR"
-  [ -z "$(ls -A "$DIR")" ] || die "$DIR is not empty: use a fresh directory (a fresh StateSaveLocation)"
+  [ -z "$(ls -A "$DIR")" ] || die "$DIR is not empty: use a fresh one (a fresh StateSaveLocation)"
   chmod 0755 "$DIR"
   local host; host=$(hostname -s)
 

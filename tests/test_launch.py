@@ -66,7 +66,8 @@ def test_script_lists_only_unfinished_trials_and_signals_before_the_limit(tmp_pa
   assert "--array=1-2,4-5%2" in options
   assert {"--time=01:30:00", "--signal=TERM@120", "--requeue", "--open-mode=append",
           "--partition=gpu", "--qos=high", "--nodes=1", "--ntasks-per-node=1",
-          f"--output={tmp_path}/slurm/trial-%a.job-%A.log", f"--chdir={os.getcwd()}"} <= set(options)
+          f"--output={tmp_path}/slurm/trial-%a.job-%A.log",
+          f"--chdir={os.getcwd()}"} <= set(options)
   assert not [o for o in options if o.startswith(("--gpus", "--mem", "--account"))]
   body = [line for line in lines if line and not line.startswith("#")]
   assert body[1] == "source venv/bin/activate"
@@ -106,8 +107,8 @@ def test_nothing_to_submit_when_every_trial_is_finished(tmp_path, capsys):
     (dict(time="5:00", signal_seconds=300), "cluster.signal_seconds=300 is not shorter than"),
     (dict(nodes=0), "cluster.nodes=0 must be >= 1"),
     (dict(max_running=-1), "cluster.max_running=-1 must be >= 0"),
-    (dict(nodes=2, gpus_per_node=8), "cluster.tasks_per_node=1 with gpus_per_node=8: a multi-process"
-     " trial runs one process per GPU, set tasks_per_node = gpus_per_node"),
+    (dict(nodes=2, gpus_per_node=8), "cluster.tasks_per_node=1 with gpus_per_node=8: a"
+     " multi-process trial runs one process per GPU, set tasks_per_node = gpus_per_node"),
     (dict(python=" "), "cluster.python is empty"),
 ])
 def test_bad_cluster_fields(cluster, message):
@@ -276,7 +277,7 @@ def test_status_of_a_single_run_and_of_an_empty_workdir(tmp_path):
                                                                        8, 24)
 
 
-def test_sigterm_during_the_segment_of_a_checkpoint_preempts_at_that_checkpoint(tmp_path, monkeypatch):
+def test_sigterm_in_the_segment_of_a_checkpoint_preempts_at_it(tmp_path, monkeypatch):
   """What `scancel --signal=TERM` right after a checkpoint hit in tests/test_slurm.py: the trial
   used to save the same step a second time and crash (Orbax StepAlreadyExistsError) instead of
   stopping as preempted."""

@@ -94,8 +94,9 @@ def submit(env, config, workdir, *overrides):
 
 def job_states(env, job):
   """{array task: state} of every task of `job`, finished ones included ({} if squeue failed)."""
-  result = subprocess.run(["squeue", "--noheader", f"--jobs={job}", "--states=all", "--format=%i %T"],
-                          env=env, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+      ["squeue", "--noheader", f"--jobs={job}", "--states=all", "--format=%i %T"], env=env,
+      capture_output=True, text=True, timeout=60)
   return dict(line.split() for line in result.stdout.splitlines()) if result.returncode == 0 else {}
 
 
