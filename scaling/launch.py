@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_fields
 
 PREEMPTED_EXIT = 143   # 128 + SIGTERM: what a trial exits with after its preemption checkpoint
 # Filesystems that other nodes can see (the workdir of a multi-node trial must be on one).
@@ -232,9 +232,17 @@ def shared_filesystem_warning(workdir: str, nodes: int) -> str | None:
 
 
 def unfinished_trials(config, workdir: str):
-  """(every trial of the sweep, those not done or diverged), from the trials' summary.json."""
+  """(every trial of the sweep, those not done or diverged), from the trials' summary.json.
+  Every trial's fields are checked first (no data, no devices: a login node can): a bad value
+  fails here, not in every array task."""
   from scaling import sweep   # imports JAX: after the cheap checks
   trials = sweep.expand(config, workdir)
+  for t in trials:
+    try:
+      check_fields(t.config)
+    except ConfigError as error:
+      prefix = f"trial {t.index} ({t.id}): " if t.overrides else ""
+      raise ConfigError(prefix + str(error)) from None
   pending = [t for t in trials
              if (sweep.read_summary(t.directory) or {}).get("status") not in sweep.FINISHED]
   return trials, pending

@@ -311,3 +311,12 @@ def test_misspelt_cluster_field_is_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       f"config error: --config.cluster.tme: {CONFIG} has no field 'cluster.tme': did you mean"
       " --config.cluster.time?"]
+
+
+def test_a_bad_field_of_one_trial_fails_before_any_script(tmp_path, capsys):
+  config = tiny_sweep()
+  config.sweep = ml_collections.ConfigDict(dict(batch_size=(16,), warmup=dict(length=(0.5, -1.0))))
+  with pytest.raises(ConfigError, match=r"^trial 1 \(bs=16,warmup.length=-1\): warmup.length=-1.0"
+                                        " is invalid: use a finite number >= 0$"):
+    launch.launch(config, CONFIG, str(tmp_path), {}, submit_job=False)
+  assert capsys.readouterr().out == "" and not os.listdir(tmp_path)
