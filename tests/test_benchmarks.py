@@ -18,10 +18,9 @@ def test_bench_throughput_tiny_prints_its_table(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("model") and "F/J" in line)
-  rows = [line.split() for line in lines[header + 1:header + 3]]
-  assert [row[:2] for row in rows] == [["mlp", "8"], ["mlp", "32"]]
+  assert lines[header + 1].split()[:2] == ["mlp", "16"]
   results = json.loads(out.read_text())
-  assert results["framework_error"] is None
+  assert results["framework_error"] is None and len(results["rows"]) == 1
   for row in results["rows"]:
     framework, bare = row["F"], row["J"]
     assert framework["status"] == "done", framework
@@ -30,11 +29,11 @@ def test_bench_throughput_tiny_prints_its_table(tmp_path):
     assert len(framework["segments"]) == 3 and len(bare["segments"]) == 3
     assert framework["examples_per_sec"] > 0 and bare["examples_per_sec"] > 0
     assert row["F/J"] == framework["examples_per_sec"] / bare["examples_per_sec"]
-  # XLA's FLOPs of one MLP step at B=32: the matmuls are 2 x weights x B forward, as much for the
+  # XLA's FLOPs of one MLP step at B=16: the matmuls are 2 x weights x B forward, as much for the
   # weight gradients, and as much for the input gradients of every layer but the first (the
-  # images need none). Bias, ReLU, softmax and the momentum update add ~1 FLOP per parameter
-  # per example or less: a few percent.
+  # images need none). The momentum update adds a few FLOPs per parameter per step, bias, ReLU
+  # and softmax a few per unit per example: ~5% at this batch size.
   mfu = results["mfu"][0]
   weights = [784 * 512, 512 * 512, 512 * 10]
-  matmul_flops = 2 * 32 * (3 * sum(weights) - weights[0])
+  matmul_flops = 2 * 16 * (3 * sum(weights) - weights[0])
   assert matmul_flops <= mfu["step_flops"] < 1.1 * matmul_flops
