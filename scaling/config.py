@@ -72,6 +72,8 @@ _RULES = (
      "an integer >= 0 (0 = only at the end)"),
     ("curvature.subset_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.max_probes", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.min_probes", lambda x: _int(x) and x >= 2,
+     "an integer >= 2 (the standard error of the trace needs two probes)"),
     ("curvature.probe_chunk", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.trace_tol", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("curvature.lanczos_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),

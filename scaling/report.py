@@ -26,6 +26,10 @@ from scaling.config import ConfigError
 # those at the group's smallest batch size (on the perfect-scaling line E is constant).
 PERFECT_SCALING_TOLERANCE = 1.2
 REPORT_DIR = "report"
+# A Lanczos eigenvalue whose Ritz residual |H y - lambda y| exceeds this fraction of |lambda| is
+# flagged unconverged: an exact eigenvalue lies within the residual, so below it lambda is within
+# 1% of one.
+EIGEN_RESIDUAL_LIMIT = 0.01
 PENDING = ("running", "preempted")
 
 
@@ -339,6 +343,19 @@ def trial_table(trials):
   return rows
 
 
+def unconverged_eigenvalues(trial) -> list[str]:
+  """One note per curvature measurement of `trial` with an eigenvalue above EIGEN_RESIDUAL_LIMIT."""
+  notes = []
+  for r in trial.records:
+    bad = [f"λ_{i}={lam:.4g} (residual {r[f'curvature/eig_residual_{i}']:.2g})"
+           for i, lam in enumerate(r.get("curvature/eigenvalues", []))
+           if not r.get(f"curvature/eig_residual_{i}", 0) <= EIGEN_RESIDUAL_LIMIT * abs(lam)]
+    if bad:
+      notes.append(f"step {r['step']}: unconverged eigenvalue(s) {', '.join(bad)}: residual above"
+                   f" {EIGEN_RESIDUAL_LIMIT:g} |λ|; raise curvature.lanczos_steps")
+  return notes
+
+
 def write_csv(path, rows):
   cols = list(dict.fromkeys(k for r in rows for k in r))
   with open(path, "w", newline="") as f:
@@ -429,7 +446,7 @@ def write_report(workdir):
   out = os.path.join(workdir, REPORT_DIR)
   os.makedirs(out, exist_ok=True)
   trials = load_trials(workdir)
-  notes = [f"{t.trial_id}: {n}" for t in trials for n in t.notes]
+  notes = [f"{t.trial_id}: {n}" for t in trials for n in t.notes + unconverged_eigenvalues(t)]
   if not trials:
     notes.append(f"no trial directories (with a config.json) under {workdir}")
   trows, best_rows = trial_table(trials), best_per_batch(trials)

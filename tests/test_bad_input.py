@@ -134,7 +134,7 @@ BAD_VALUES = [
     ("train_eval_size", -1), ("log_every_steps", 0), ("log_every_steps", -1),
     ("num_devices", -1), ("grad_groups", 0), ("grad_groups", -8), ("noise_scale.ema_decay", 1.0),
     ("curvature.every_steps", -1), ("curvature.subset_size", 0), ("curvature.max_probes", 0),
-    ("curvature.probe_chunk", 0), ("curvature.trace_tol", -1e-3),
+    ("curvature.min_probes", 1), ("curvature.probe_chunk", 0), ("curvature.trace_tol", -1e-3),
     ("curvature.lanczos_steps", 0), ("curvature.top_k", 0), ("curvature.top_k", 21),
     ("curvature.sharpness_eps", 0.0), ("curvature.sharpness_steps", 0),
     ("curvature.density_starts", 0), ("curvature.density_steps", 0),
