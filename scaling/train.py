@@ -237,7 +237,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "chunk_steps", "eval_batch_size")
+                     "chunk_steps", "eval_batch_size", "cluster")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -437,8 +437,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
           and step < plan.total_steps):
-        book["status"] = "preempted"
-        save(state, step)
+        book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
         break
     if book["status"] == "running":
       book["status"] = "done"
