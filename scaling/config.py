@@ -105,9 +105,13 @@ def _get(config, dotted: str):
 
 def logged_metrics(config) -> list[str]:
   """The metrics every evaluation of this config logs: the names a target may use."""
-  sizes = {"valid": _get(config, "dataset.validation_size"), "test": 1,
+  # A language model (text data) logs bits per character too; its validation split is whole
+  # works chosen by the data set's builder, whatever dataset.validation_size says.
+  text = _get(config, "model.name") == "transformer"
+  sizes = {"valid": 1 if text else _get(config, "dataset.validation_size"), "test": 1,
            "train_eval": _get(config, "train_eval_size")}
-  return [f"{split}/{metric}" for split in EVAL_SPLITS for metric in EVAL_METRICS
+  metrics = EVAL_METRICS + (("bpc",) if text else ())
+  return [f"{split}/{metric}" for split in EVAL_SPLITS for metric in metrics
           if not (_finite(sizes[split]) and sizes[split] <= 0)]
 
 
