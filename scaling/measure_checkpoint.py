@@ -53,7 +53,7 @@ def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
   if not os.path.isdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoints/: the trial saved none yet")
   mesh = sharding.make_mesh(config.num_devices)
-  splits = train.load_data(config.dataset)
+  splits = train.load_data(config)
   _, model, _, optimizer = train.build(config, splits, mesh)
   abstract_state, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
   ckpts = checkpoint.Checkpoints(directory, config.checkpoint.keep, read_only=True)
