@@ -54,7 +54,8 @@ def _quiet_orbax_about(record) -> bool:
 
 def _drop_closed_loop_noise(previous_hook):
   """sys.unraisablehook that drops TensorStore's "Event loop is closed" callbacks, which print a
-  traceback after Orbax abandons the reads of a damaged checkpoint; others go to `previous_hook`."""
+  traceback after Orbax abandons the reads of a damaged checkpoint or the writes of a save that
+  failed; others go to `previous_hook`."""
   def hook(unraisable):
     if not (unraisable.exc_type is RuntimeError
             and str(unraisable.exc_value) == "Event loop is closed"):
@@ -77,6 +78,8 @@ class Checkpoints:
                                              enable_async_checkpointing=asynchronous,
                                              cleanup_tmp_directories=True)
     py_logging.getLogger("absl").addFilter(_quiet_orbax_about)   # idempotent
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+      sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None   # the step of the save that may still be running
     self.last_save_seconds = 0.0
@@ -138,8 +141,6 @@ class Checkpoints:
         state = restored["state"]
         jax.block_until_ready(state)
       except Exception as error:  # a damaged checkpoint must not cost the run: fall back
-        if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
-          sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         if self.read_only:
           logging.warning("checkpoint at step %d is unusable (%s)", step, first_line)
