@@ -342,3 +342,49 @@ def test_bootstrap_least_squares_is_exact_on_noiseless_points():
   assert 80 < len(boot) <= 100   # replicates with one distinct batch size are dropped
   np.testing.assert_allclose(boot, np.tile([S_MIN, S_MIN * B_CRIT, B_CRIT], (len(boot), 1)),
                              rtol=1e-9)
+
+
+def test_tiny_real_sweep_records_the_protocol_and_plots_it(tmp_path):
+  """configs/mnist_sweep_tiny.py cut to 4 trials: stop reasons, caps, costs and B_simple at the
+  target land in summary.json and sweep.csv, and the report draws every protocol plot."""
+  from configs import mnist_sweep_tiny
+  from scaling import sweep
+  c = mnist_sweep_tiny.get_config()
+  c.num_devices = 2
+  c.sweep.batch_size, c.sweep.seed = (16, 64), (0,)
+  summaries = sweep.main(c, str(tmp_path))
+  assert len(summaries) == 4
+  for s in summaries:
+    assert s["step_cap"] == 150 and s["stop_reason"] in ("target", "budget")
+    assert (s["stop_reason"] == "target") == s["target"]["reached"]
+    if s["target"]["reached"]:   # stopped at the evaluation that first reached the target
+      assert s["step"] == s["target"]["step"] <= 150
+      assert 0 < s["target"]["at"]["wall_time"] <= s["wall_time"]
+      assert math.isfinite(s["target"]["at"]["noise/b_simple"])
+    else:
+      assert s["step"] == 150
+    assert s["examples_per_sec"] > 0 and s["compile_seconds"] > 0
+    assert s["peak_memory_bytes"] > 0 and s["memory_source"]
+  rows = open(os.path.join(tmp_path, "sweep.csv")).read()
+  assert "stop_reason" in rows.splitlines()[0] and (",target," in rows or ",budget," in rows)
+  text = check_report(tmp_path)
+  pngs = set(os.listdir(os.path.join(tmp_path, "report")))
+  assert {"steps_to_target.png", "tuned_lr.png", "equal_loss.png", "resources.png"} <= pngs
+  assert "Why trials stopped" in text and "Step caps: B=16: 150, B=64: 150" in text
+
+
+@pytest.mark.slow
+def test_curvature_is_measured_when_the_target_is_first_reached(tmp_path):
+  from scaling import train
+  from tests.tiny import tiny_config
+  c = tiny_config(**{"curvature.enabled": True, "curvature.density": False, "num_devices": 1,
+                     "target.value": 0.85, "budget.length": 24.0})
+  s = train.run(c, str(tmp_path))
+  assert s["target"]["reached"] and s["target"]["step"] < 24 and s["stop_reason"] == "budget"
+  at = s["target"]["at"]
+  curv = [r for r in report.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+          if "curvature/top_eigenvalue" in r]
+  # One measurement at the target's step, one at the end; the summary keeps both apart.
+  assert [r["step"] for r in curv] == [s["target"]["step"], 24]
+  assert at["curvature/top_eigenvalue"] == curv[0]["curvature/top_eigenvalue"]
+  assert s["curvature"]["curvature/top_eigenvalue"] == curv[1]["curvature/top_eigenvalue"]
