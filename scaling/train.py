@@ -23,7 +23,7 @@ from scaling import checkpoint, curvature, data, models, schedule, sharding, ste
 from scaling import measure as measure_lib
 from scaling import resources
 from scaling import metrics as metrics_lib
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_fields
 
 
 def epoch_order(data_key, epoch, num_examples):
@@ -76,6 +76,7 @@ def load_data(dataset) -> data.Splits:
 
 def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   """Every check that needs no training, so that a sweep fails before its first trial starts."""
+  check_fields(config)
   if config.batch_size % num_devices:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices}"
                       f" devices: use a multiple of {num_devices}")
