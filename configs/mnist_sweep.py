@@ -40,7 +40,7 @@ def get_config():
   c.chunk_steps, c.chunk_unroll = 8, False   # divides every eval interval: one compilation
   c.grad_groups = 2                # B/2 small batches for the noise scale B_simple
   c.checkpoint.every_steps = 100_000         # trials are short: checkpoint at the end only
-  c.sweep = ml_collections.ConfigDict(dict(lr_multiplier=(0.5, 1.0, 2.0), seed=(0, 1)))
+  c.sweep = ml_collections.ConfigDict(dict(lr_multiplier=(1.0, 2.0, 4.0), seed=(0, 1)))
   c.sweep_zip = ml_collections.ConfigDict(dict(
       batch_size=BATCH_SIZES,
       budget=dict(length=tuple(float(step_cap(b)) for b in BATCH_SIZES)),

@@ -463,8 +463,7 @@ def equal_loss(path, trials, best_rows, fits):
       Line2D([], [], marker="o", ls="none", color="0.5", alpha=0.5, label="each trial that reached"),
       Line2D([], [], marker="D", ls="none", color="k", label="best point per B (median)"),
       Line2D([], [], ls="--", color="k", label="fitted B_crit (band: 95% bootstrap)")], fontsize=8)
-  x = np.geomspace(1e-3, 1e3, 200)
-  ax1.plot(x, 1 / x, "-", color="k", lw=1, label="(S/S_min − 1)(E/E_min − 1) = 1")
+  span = [1e-2, 1e2]
   for f in fitted:
     rows = [r for r in best_rows if r["group"] == f["group"] and r["outcome"] == "reached"]
     s = np.array([r["steps_to_target"] for r in rows], dtype=float)
@@ -473,8 +472,12 @@ def equal_loss(path, trials, best_rows, fits):
     xs, ys = s / f["s_min"] - 1, e / f["e_min"] - 1
     ok = (xs > 0) & (ys > 0)
     ax1.plot(xs[ok], ys[ok], "o", color=colours[f["group"]], label=f["group"])
+    if ok.any():
+      span = [min(span[0], xs[ok].min(), 1 / ys[ok].max()), max(span[1], xs[ok].max(), 1 / ys[ok].min())]
     for xi, yi, bi in zip(xs[ok], ys[ok], b[ok]):
       ax1.annotate(str(bi), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  x = np.geomspace(span[0] / 3, span[1] * 3, 200)
+  ax1.plot(x, 1 / x, "-", color="k", lw=1, label="(S/S_min − 1)(E/E_min − 1) = 1")
   ax1.set_xscale("log")
   ax1.set_yscale("log")
   ax1.set(xlabel="S / S_min − 1", ylabel="E / E_min − 1",
