@@ -31,10 +31,18 @@ def epoch_order(data_key, epoch, num_examples):
   return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
 
 
-def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size, steps_per_epoch,
-                pixel_scale, step_fn, shard_batch, unroll):
-  """`num_steps` training steps in one scan; batches are gathered on the devices."""
-  n = labels_N.shape[0]
+def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
+  """Examples idx_B of the device-resident (images, labels) -> a float batch."""
+  del data_key, epoch   # the order alone decides an image batch
+  images_NxX, labels_N = arrays
+  return images_NxX[idx_B].astype(jnp.float32) * pixel_scale, labels_N[idx_B]
+
+
+def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size, steps_per_epoch,
+                gather, step_fn, shard_batch, unroll):
+  """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
+  n = num_examples
 
   def body(carry, _):
     state, order_N = carry
@@ -43,8 +51,8 @@ def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size,
                            lambda: order_N)
     # Each device gathers only its own slice of the batch.
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
-    images_BxX = images_NxX[idx_B].astype(jnp.float32) * pixel_scale
-    state, metrics = step_fn(state, images_BxX, labels_N[idx_B])
+    inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
+    state, metrics = step_fn(state, inputs_BxX, targets_B)
     return (state, order_N), metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
@@ -59,17 +67,26 @@ def _padded_eval_set(images, labels, eval_batch, mesh):
   m = max(1, math.ceil(n / eval_batch))
   pad = m * eval_batch - n
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  chunked = (images.reshape(m, eval_batch, *images.shape[1:]), labels.reshape(m, eval_batch),
+  chunked = (images.reshape(m, eval_batch, *images.shape[1:]),
+             labels.reshape(m, eval_batch, *labels.shape[1:]),
              mask.reshape(m, eval_batch))
   return sharding.put_eval(chunked, mesh)
 
 
-def load_data(dataset) -> data.Splits:
+def context_length(config) -> int:
+  """Tokens per example: the Transformer's context length; 0 for the image models."""
+  return config.model.context_length if config.model.name == "transformer" else 0
+
+
+def load_data(config) -> data.Splits:
+  """config.dataset -> Splits; text comes in windows of the Transformer's context length."""
+  dataset = config.dataset
   try:
     return data.load(dataset.name, data_dir=dataset.data_dir or None,
-                     validation_size=dataset.validation_size, train_size=dataset.train_size or None)
+                     validation_size=dataset.validation_size, train_size=dataset.train_size or None,
+                     context_length=context_length(config))
   except (ValueError, FileNotFoundError) as error:  # data.load's errors name the field already
     raise ConfigError(str(error)) from None
 
@@ -139,12 +156,14 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
-  splits = load_data(config.dataset)
+  splits = load_data(config)
   plan, model, lr_fn, optimizer = build(config, splits, mesh)
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
   state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
   num_params = models.parameter_count(abstract_state.params)
   resolved = resolved_config(config, plan, mesh.size, num_params)
+  if splits.context_length:
+    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
   resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
@@ -165,8 +184,12 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
   write_json(os.path.join(workdir, "config.json"), resolved)
 
-  train_images, train_labels = sharding.put_replicated(
-      (splits.train_images, splits.train_labels), mesh)
+  if splits.train_text is None:
+    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
+  else:  # random windows of the whole train text; its fixed windows only size an epoch
+    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
+    train_arrays = sharding.put_replicated((splits.train_text,), mesh)
   eval_sets = {
       "valid": (splits.valid_images, splits.valid_labels),
       "test": (splits.test_images, splits.test_labels),
@@ -183,9 +206,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
       groups=config.grad_groups, mesh=mesh, axis=sharding.DATA)
   chunk_fn = resources.ChunkCost(jax.jit(
-      functools.partial(train_chunk, batch_size=config.batch_size,
-                        steps_per_epoch=plan.steps_per_epoch, pixel_scale=splits.pixel_scale,
-                        step_fn=step_fn, unroll=config.chunk_unroll,
+      functools.partial(train_chunk, num_examples=len(splits.train_labels),
+                        batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
+                        gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
                         shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
       static_argnames="num_steps", donate_argnames="state"),
       book.setdefault("resources", {}), config.batch_size)
@@ -199,24 +222,25 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
     for split, (images, labels, mask) in eval_sets.items():
       sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
               for i in range(len(labels))]   # a Python loop: see chunk_unroll above
-      loss, errors = np.sum(sharding.to_host(sums), axis=0)
-      count = float(np.sum(sharding.to_host(mask)))
-      results[f"{split}/loss"] = float(loss) / count
-      results[f"{split}/error"] = float(errors) / count
+      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
+      results[f"{split}/loss"] = float(loss) / float(count)
+      results[f"{split}/error"] = float(errors) / float(count)
+      if splits.context_length:   # bits per character: the language-modelling unit
+        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
     return results
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
   try:
     return _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
-                       measure, (train_images, train_labels, data_key))
+                       measure, (train_arrays, data_key))
   finally:
     ckpts.close()
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "chunk_steps", "eval_batch_size")
+                     "chunk_steps", "eval_batch_size", "cluster")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -327,10 +351,12 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
-def _summary(book: dict, step: int, batch_size: int, cost: resources.ChunkCost) -> dict:
+def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int,
+             cost: resources.ChunkCost) -> dict:
+  tokens = {"tokens": step * batch_size * tokens_per_example} if tokens_per_example else {}
   target = book["target"]
   return {
-      "status": book["status"], "step": step, "examples": step * batch_size,
+      "status": book["status"], "step": step, "examples": step * batch_size, **tokens,
       "step_cap": book["step_cap"], **cost.summary(),
       "stop_reason": resources.stop_reason(book["status"], target["reached"],
                                            target.get("stop_at_target", False)),
@@ -340,16 +366,19 @@ def _summary(book: dict, step: int, batch_size: int, cost: resources.ChunkCost) 
   }
 
 
-def _record_eval(book: dict, step: int, batch_size: int, results: dict) -> bool:
+def _record_eval(book: dict, step: int, batch_size: int, results: dict,
+                 tokens_per_example: int) -> bool:
   """Folds an evaluation into the bookkeeping; True when it is the first to reach the target."""
   book["last_eval"] = dict(results)
-  for key in ("valid/error", "test/error"):
+  for key in ("valid/error", "test/error", "valid/bpc", "test/bpc"):
     if key in results:
       book["best"][key] = min(book["best"].get(key, math.inf), results[key])
   target = book["target"]
   value = results.get(target["metric"])
   if not target["reached"] and value is not None and target_reached(value, target["value"]):
     target.update(reached=True, step=step, examples=step * batch_size)
+    if tokens_per_example:
+      target["tokens"] = step * batch_size * tokens_per_example
     return True
   return False
 
@@ -357,9 +386,10 @@ def _record_eval(book: dict, step: int, batch_size: int, results: dict) -> bool:
 def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
-  B, G = config.batch_size, config.grad_groups
+  B, G, T = config.batch_size, config.grad_groups, context_length(config)
   noise_sizes = (B // G, B) if G > 1 else None
-  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"])
+  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"],
+                                     tokens_per_example=T)
   summary_path = os.path.join(workdir, "summary.json")
   checkpoint_every = config.checkpoint.every_steps
 
@@ -373,7 +403,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     if step == 0 and config.eval_at_start:
       results = evaluate(state)
       writer.write(0, results)
-      _record_eval(book, 0, B, results)
+      _record_eval(book, 0, B, results, T)
     while step < plan.total_steps and book["status"] == "running":
       # Dispatch every chunk up to the next evaluation, then fetch their metrics in one go.
       segment_end = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
@@ -399,7 +429,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
       if step % plan.eval_every_steps == 0 or step == plan.total_steps:
         results = evaluate(state)
         writer.write(step, results)
-        newly_reached = _record_eval(book, step, B, results)
+        newly_reached = _record_eval(book, step, B, results, T)
         if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
           book["target"]["at"] = {"wall_time": writer.elapsed(), **_noise_metrics(book["noise"])}
         if config.target.stop_at_target and book["target"]["reached"]:
@@ -420,12 +450,11 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
           save(state, step)
         book["elapsed"] = writer.elapsed()
         writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-        write_json(summary_path, _summary(book, step, B, chunk_fn))
+        write_json(summary_path, _summary(book, step, B, T, chunk_fn))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
           and step < plan.total_steps):
-        book["status"] = "preempted"
-        save(state, step)
+        book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
         break
     if book["status"] == "running":
       book["status"] = "done"
@@ -434,7 +463,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     ckpts.wait()
     book["elapsed"] = writer.elapsed()
     writer.close()
-    summary = _summary(book, step, B, chunk_fn)
+    summary = _summary(book, step, B, T, chunk_fn)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
     raise Preempted(128 + (stop.signal or signal.SIGTERM))
