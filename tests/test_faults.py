@@ -231,13 +231,13 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 
 def test_the_cli_exits_nonzero_naming_the_failed_trials(tmp_path):
   process = cli(["tests/harness.py", "--config=configs/mnist_sweep_tiny.py", f"--workdir={tmp_path}",
-                 "--config.budget.length=8", "--config.budget.unit=steps",
-                 "--config.warmup.length=2", "--config.warmup.unit=steps",
-                 "--config.sweep.batch_size=(16,32)", "--config.sweep.lr_rule=('linear',)"],
-                {"SCALING_TEST_FAIL": "bs=16,lr_rule=linear"})
-  assert_one_line_error(process, "1 trial(s) failed", "bs=16,lr_rule=linear")
-  assert "[1] bs=32,lr_rule=linear: training" in process.stdout        # went on
-  assert read_summary(tmp_path / "trials" / "bs=32,lr_rule=linear")["status"] == "done"
+                 "--config.budget.length=8", "--config.grad_groups=8",
+                 "--config.sweep.batch_size=(16,32)",
+                 "--config.sweep.lr_multiplier=(2.0,)", "--config.sweep.seed=(0,)"],
+                {"SCALING_TEST_FAIL": "bs=16,lr_multiplier=2,seed=0"})
+  assert_one_line_error(process, "1 trial(s) failed", "bs=16,lr_multiplier=2,seed=0")
+  assert "[1] bs=32,lr_multiplier=2,seed=0: training" in process.stdout        # went on
+  assert read_summary(tmp_path / "trials" / "bs=32,lr_multiplier=2,seed=0")["status"] == "done"
 
 
 # Disk full: one line when it happens, temporary files removed, nothing earlier lost.
