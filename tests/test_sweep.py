@@ -19,11 +19,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_expansion_order_ids_and_directories(tmp_path):
   trials = sweep.expand(mnist_sweep.get_config(), str(tmp_path))
-  assert len(trials) == 16
+  assert len(trials) == 60
   assert [t.id for t in trials[:3]] == [
-      "bs=32,lr_rule=linear,seed=0", "bs=32,lr_rule=sqrt,seed=0", "bs=64,lr_rule=linear,seed=0"]
-  assert trials[5].config.batch_size == 128 and trials[5].config.lr_rule == "sqrt"
-  assert trials[5].overrides == {"batch_size": 128, "lr_rule": "sqrt", "seed": 0}
+      "lr_multiplier=1,seed=0,bs=16,budget.length=5101,eval_every.length=80",
+      "lr_multiplier=1,seed=0,bs=32,budget.length=2701,eval_every.length=40",
+      "lr_multiplier=1,seed=0,bs=64,budget.length=1501,eval_every.length=24"]
+  assert trials[5].config.batch_size == 512 and trials[5].overrides == {
+      "lr_multiplier": 1.0, "seed": 0, "batch_size": 512, "budget.length": 451.0,
+      "eval_every.length": 8.0}
   assert trials[5].directory == os.path.join(str(tmp_path), "trials", trials[5].id)
   # Expanding again gives the same index -> trial mapping (what a cluster array job relies on).
   assert [t.id for t in sweep.expand(mnist_sweep.get_config(), str(tmp_path))] == [
@@ -76,14 +79,15 @@ def test_invalid_trials_fail_before_any_training(tmp_path, field, values, messag
 
 
 def test_warmup_longer_than_run_is_rejected(tmp_path):
-  with pytest.raises(ConfigError, match=r"warmup \(40 steps\) is longer than the run \(24 steps\)"):
+  with pytest.raises(ConfigError, match=r"warmup \(40 steps\) is longer than the run \(24 steps"):
     sweep.main(tiny_config(**{"warmup.length": 40.0}), str(tmp_path))
 
 
 def test_trial_selection_by_index_and_id(tmp_path):
   trials = sweep.expand(mnist_sweep.get_config(), str(tmp_path))
-  assert sweep.select(trials, "7")[0].id == "bs=256,lr_rule=sqrt,seed=0"
-  assert sweep.select(trials, "bs=256,lr_rule=sqrt,seed=0")[0].index == 7
+  seventh = "lr_multiplier=1,seed=0,bs=2048,budget.length=338,eval_every.length=4"
+  assert sweep.select(trials, "7")[0].id == seventh
+  assert sweep.select(trials, seventh)[0].index == 7
   with pytest.raises(ConfigError, match="--trial=99 matches no trial"):
     sweep.select(trials, "99")
 
