@@ -145,13 +145,13 @@ def test_report_of_a_real_tiny_sweep(tiny_sweep):
 def test_cli_lists_trials_and_two_processes_run_different_trials(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   base = [sys.executable, "-m", "scaling.main", "--config=configs/mnist_sweep_tiny.py",
-          f"--workdir={tmp_path}", "--config.budget.length=1.0", "--config.checkpoint.every_steps=0"]
+          f"--workdir={tmp_path}", "--config.budget.length=12.0", "--config.checkpoint.every_steps=0"]
   listing = subprocess.run(base + ["--list_trials"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
   assert listing.returncode == 0, listing.stderr[-1000:]
   lines = listing.stdout.strip().splitlines()
-  assert lines[1].split() == ["0", "16", "0.025", "13", "26", "bs=16,lr_rule=linear"]
-  assert len(lines) == 7
+  assert lines[1].split() == ["0", "16", "0.01768", "3", "12", "bs=16,lr_multiplier=0.5,seed=0"]
+  assert len(lines) == 13
   workers = [subprocess.Popen(base + [f"--trial={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in (0, 5)]
   for w in workers:
@@ -159,5 +159,4 @@ def test_cli_lists_trials_and_two_processes_run_different_trials(tmp_path):
     assert w.returncode == 0, err[-1000:]
   with open(tmp_path / "sweep.csv") as f:
     status = {r["index"]: r["status"] for r in csv.DictReader(f)}
-  assert status == {"0": "done", "1": "pending", "2": "pending", "3": "pending", "4": "pending",
-                    "5": "done"}
+  assert status == {str(i): "done" if i in (0, 5) else "pending" for i in range(12)}
