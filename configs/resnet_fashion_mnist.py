@@ -3,8 +3,8 @@
     sudo apt-get install dataset-fashion-mnist     # the four upstream .gz files, once
     python -m scaling.main --config=configs/resnet_fashion_mnist.py --workdir=runs/resnet_fashion
 
-As configs/resnet_mnist.py (ghost batches of 16 = batch_size / grad_groups, so 1 to 8 devices run
-it unchanged), plus left-right flips: clothes stay clothes in a mirror. Target 8% validation error.
+As configs/resnet_mnist.py (ghost batches of 16, so 1 to 8 devices run it unchanged), plus
+left-right flips: clothes stay clothes in a mirror. Target 8% validation error.
 """
 from configs import resnet_mnist
 
