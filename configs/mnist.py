@@ -64,7 +64,9 @@ def get_config():
   # On for the MLP sweep (configs/mnist_sweep.py) and meant for accelerators.
   c.curvature = ml_collections.ConfigDict(dict(
       enabled=False, every_steps=0, subset_size=1024, unroll=False,
-      max_probes=100, probe_chunk=10, trace_tol=1e-3,       # Hutchinson (PyHessian's rule)
+      # Hutchinson: stop at standard error <= trace_tol * |trace|, after min_probes, at most
+      # max_probes (whole chunks of probe_chunk).
+      max_probes=100, probe_chunk=10, trace_tol=0.05, min_probes=20,
       lanczos_steps=20, top_k=3,                            # top eigenvalues
       sharpness_eps=1e-3, sharpness_steps=10,               # Keskar et al.'s epsilon-sharpness
       density=True, density_starts=4, density_steps=30))    # stochastic Lanczos quadrature

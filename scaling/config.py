@@ -1,5 +1,213 @@
-"""What all stages share about configs: the error type for bad input."""
+"""What all stages share about configs: the error type for bad input, the check of every field
+whose value can be judged without data or devices, and what a broken config file or override says.
+
+`check_fields` runs for every trial of a sweep before the first one trains (train.check_config),
+so a bad value costs seconds, not the trials before it. It reads the config and nothing else: no
+JAX, no data. A field a config does not have is skipped: the schema lives in the config files.
+`load_file` and `override_problem` turn what ml_collections raises while parsing --config and
+--config.<field> (a traceback) into one line; main.py calls them when that parsing fails.
+"""
+import difflib
+import importlib.util
+import math
+import os
+import traceback
+
+import ml_collections
 
 
 class ConfigError(ValueError):
   """Bad user input, reported as one line naming the field and the fix (never a JAX traceback)."""
+
+
+# Every evaluation logs <split>/error and <split>/loss for these splits (when they are not empty).
+EVAL_SPLITS = ("valid", "test", "train_eval")
+EVAL_METRICS = ("error", "loss")
+
+
+def _int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fraction(x) -> bool:     # [0, 1)
+  return _finite(x) and 0 <= x < 1
+
+
+# (dotted field, test of its value, what a valid value is). Ordered as the config files are.
+_RULES = (
+    ("batch_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("reference_batch_size", lambda x: _int(x) and x >= 1,
+     "an integer >= 1: the batch size at which lr = base_lr"),
+    ("base_lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("lr_power", _finite, "a finite number"),
+    ("warmup.length", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("warmup.init_fraction", lambda x: _finite(x) and 0 <= x <= 1,
+     "a number in [0, 1]: warmup starts at init_fraction * lr"),
+    ("decay.final_fraction", lambda x: _finite(x) and 0 <= x <= 1,
+     "a number in [0, 1]: the decay ends at final_fraction * lr"),
+    ("decay.factor", lambda x: _finite(x) and x > 0, "a finite number > 0 (0.1 = divide by 10)"),
+    ("budget.length", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("eval_every.length", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("optimizer.momentum", _fraction, "a number in [0, 1)"),
+    ("optimizer.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("optimizer.b1", _fraction, "a number in [0, 1)"),
+    ("optimizer.b2", _fraction, "a number in [0, 1)"),
+    ("optimizer.eps", lambda x: _finite(x) and x > 0,
+     "a finite number > 0 (Adam divides by sqrt(v) + eps, and v is 0 for a dead unit)"),
+    ("optimizer.trust_coefficient", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("target.value", _finite, "a finite number"),
+    ("eval_batch_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("train_eval_size", lambda x: _int(x) and x >= 0,
+     "an integer >= 0 (0 = no train_eval split)"),
+    ("log_every_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("num_devices", lambda x: _int(x) and x >= 0, "an integer >= 0 (0 = every visible device)"),
+    ("grad_groups", lambda x: _int(x) and x >= 1,
+     "an integer >= 1 that divides batch_size (1 = no noise-scale estimate)"),
+    ("noise_scale.ema_decay", _fraction, "a number in [0, 1)"),
+    ("curvature.every_steps", lambda x: _int(x) and x >= 0,
+     "an integer >= 0 (0 = only at the end)"),
+    ("curvature.subset_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.max_probes", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.min_probes", lambda x: _int(x) and x >= 2,
+     "an integer >= 2 (the standard error of the trace needs two probes)"),
+    ("curvature.probe_chunk", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.trace_tol", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("curvature.lanczos_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.top_k", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.sharpness_eps", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("curvature.sharpness_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.density_starts", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.density_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("checkpoint.every_steps", lambda x: _int(x) and x >= 0,
+     "an integer >= 0 (0 = only at the end)"),
+    ("checkpoint.keep", lambda x: _int(x) and x >= 1, "an integer >= 1 (checkpoints kept on disk)"),
+)
+
+_MISSING = object()
+
+
+def _get(config, dotted: str):
+  node = config
+  for name in dotted.split("."):
+    if not hasattr(node, "keys") or name not in node:
+      return _MISSING
+    node = node[name]
+  return node
+
+
+def logged_metrics(config) -> list[str]:
+  """The metrics every evaluation of this config logs: the names a target may use."""
+  sizes = {"valid": _get(config, "dataset.validation_size"), "test": 1,
+           "train_eval": _get(config, "train_eval_size")}
+  return [f"{split}/{metric}" for split in EVAL_SPLITS for metric in EVAL_METRICS
+          if not (_finite(sizes[split]) and sizes[split] <= 0)]
+
+
+def check_fields(config) -> None:
+  """Raises ConfigError naming the first field whose value no trial could run with correctly."""
+  for field, valid, what in _RULES:
+    value = _get(config, field)
+    if value is not _MISSING and not valid(value):
+      raise ConfigError(f"{field}={value!r} is invalid: use {what}")
+  widths = _get(config, "model.widths")
+  if widths is not _MISSING and not (isinstance(widths, (tuple, list)) and
+                                     all(_int(w) and w >= 1 for w in widths)):
+    raise ConfigError(f"model.widths={widths!r} is invalid: use a tuple of integers >= 1"
+                      " (the hidden layer widths; () = no hidden layer)")
+  boundaries = _get(config, "decay.boundaries")
+  if boundaries is not _MISSING and not (isinstance(boundaries, (tuple, list)) and
+                                         all(_finite(b) and 0 <= b <= 1 for b in boundaries)):
+    raise ConfigError(f"decay.boundaries={boundaries!r} is invalid: use a tuple of fractions in"
+                      " [0, 1] of the steps after warmup")
+  top_k, steps = _get(config, "curvature.top_k"), _get(config, "curvature.lanczos_steps")
+  if top_k is not _MISSING and steps is not _MISSING and top_k > steps:
+    raise ConfigError(f"curvature.top_k={top_k} is more than curvature.lanczos_steps={steps}:"
+                      " Lanczos finds at most one eigenvalue per step; lower top_k or raise"
+                      " lanczos_steps")
+  metric = _get(config, "target.metric")
+  if metric is not _MISSING and metric not in logged_metrics(config):
+    raise ConfigError(f"target.metric={metric!r} is never logged by this trial: use one of"
+                      f" {', '.join(logged_metrics(config))}")
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
+def _raised(error: BaseException, path: str) -> str:
+  """'NameError: name 'x' is not defined (line 3)': the error and its line in the config file."""
+  if isinstance(error, SyntaxError) and error.lineno:
+    return f"SyntaxError: {error.msg} (line {error.lineno})"
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  where = f" (line {lines[-1]})" if lines else ""
+  return _one_line(f"{type(error).__name__}: {error}{where}")
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """--config=PATH[:ARG] -> get_config(ARG), or ConfigError saying what is wrong with the file."""
+  path, *args = spec.split(":", 1)
+  flag = f"--config={spec}"
+  if not os.path.isfile(path):
+    what = "is a directory" if os.path.isdir(path) else "no such file"
+    raise ConfigError(f"{flag}: {what}: give the path of a config .py file, e.g."
+                      " --config=configs/mnist.py")
+  if not path.endswith(".py"):
+    raise ConfigError(f"{flag} is not a Python file: a config is a .py file whose get_config()"
+                      " returns an ml_collections.ConfigDict, e.g. configs/mnist.py")
+  module_spec = importlib.util.spec_from_file_location("scaling_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as error:  # the file runs user code: anything it raises is the file's fault
+    raise ConfigError(f"{flag} fails to load: {_raised(error, path)}: fix the file") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{flag} has no get_config(): define get_config() returning an"
+                      " ml_collections.ConfigDict (see configs/mnist.py)")
+  try:
+    config = module.get_config(*args)
+  except Exception as error:
+    raise ConfigError(f"{flag}: get_config() raised {_raised(error, path)}: fix the file"
+                      ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{flag}: get_config() returned {type(config).__name__}, not an"
+                      " ml_collections.ConfigDict: return one (see configs/mnist.py)")
+  return config
+
+
+def _leaf_names(node, prefix="") -> list[str]:
+  names = []
+  for key, value in node.items():
+    names += (_leaf_names(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict)
+              else [f"{prefix}{key}"])
+  return names
+
+
+def override_problem(config, dotted: str, spec: str) -> str | None:
+  """What is wrong with --config.<dotted> for `config` (loaded from `spec`), or None if nothing is.
+
+  The config is locked: an override can change a field, never add one. That includes sweep axes:
+  `--config.sweep.batch_size=...` works only when the config file's sweep has a batch_size axis.
+  """
+  node, path = config, []
+  for name in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (f"--config.{dotted}: {'.'.join(path)} is one value ({type(node).__name__}), not a"
+              f" group of fields: override --config.{'.'.join(path)} itself")
+    if name not in node:
+      if path and path[0] in ("sweep", "sweep_zip"):
+        axes = ", ".join(_leaf_names(config[path[0]])) or "none"
+        return (f"--config.{dotted}: {spec} has no {path[0]} axis {dotted.split('.', 1)[1]!r}"
+                f" (its axes: {axes}); the command line can change an axis the config file"
+                f" defines, not add one: add it to {path[0]} in a copy of the config file, or use"
+                " a config that sweeps it (e.g. configs/mnist_sweep.py)")
+      close = difflib.get_close_matches(name, list(node.keys()), n=1)
+      hint = (f"did you mean --config.{'.'.join(path + close)}?" if close else
+              f"the fields{' of ' + '.'.join(path) if path else ''} are {', '.join(node.keys())}")
+      return f"--config.{dotted}: {spec} has no field {'.'.join(path + [name])!r}: {hint}"
+    node, path = node[name], path + [name]
+  return None

@@ -83,7 +83,7 @@ class Measure:
     start = time.perf_counter()
     trace = curvature.hutchinson_trace(
         lambda first: self._timed(self._probes, state, trace_key, jnp.int32(first))[0],
-        max_probes=self.cc.max_probes, tol=self.cc.trace_tol)
+        max_probes=self.cc.max_probes, tol=self.cc.trace_tol, min_probes=self.cc.min_probes)
     trace_s = time.perf_counter() - start
     eigen, eigen_s = self._timed(self._eigen, state, v0)
     self.top_vector = jax.tree.map(jnp.asarray, eigen.eigenvector)
@@ -93,8 +93,12 @@ class Measure:
         "curvature/hessian_trace": float(trace.trace),
         "curvature/hessian_trace_stderr": float(trace.stderr),
         "curvature/hessian_trace_probes": int(trace.num_probes),
+        # Converged when <= curvature.trace_tol; above it the probe cap (max_probes) stopped it.
+        "curvature/hessian_trace_rel_stderr": float(trace.stderr / abs(trace.trace)),
         "curvature/top_eigenvalue": float(eigen.eigenvalues[0]),
         "curvature/eigenvalues": [float(x) for x in eigen.eigenvalues],
+        # Ritz residuals |H y - lambda y|: an exact eigenvalue lies within each of its lambda.
+        **{f"curvature/eig_residual_{i}": float(r) for i, r in enumerate(eigen.residuals)},
         "curvature/sharpness": float(sharp.sharpness),
         "curvature/sharpness_eps": float(self.cc.sharpness_eps),
         "curvature/subset_size": int(np.sum(sharding.to_host(self.weights))),

@@ -16,13 +16,20 @@ import json
 import logging
 import math
 import os
+import sys
 
 import numpy as np
+
+from scaling.config import ConfigError
 
 # Perfect scaling "holds" at batch size B while the examples to target are within this factor of
 # those at the group's smallest batch size (on the perfect-scaling line E is constant).
 PERFECT_SCALING_TOLERANCE = 1.2
 REPORT_DIR = "report"
+# A Lanczos eigenvalue whose Ritz residual |H y - lambda y| exceeds this fraction of |lambda| is
+# flagged unconverged: an exact eigenvalue lies within the residual, so below it lambda is within
+# 1% of one.
+EIGEN_RESIDUAL_LIMIT = 0.01
 PENDING = ("running", "preempted")
 
 
@@ -336,6 +343,19 @@ def trial_table(trials):
   return rows
 
 
+def unconverged_eigenvalues(trial) -> list[str]:
+  """One note per curvature measurement of `trial` with an eigenvalue above EIGEN_RESIDUAL_LIMIT."""
+  notes = []
+  for r in trial.records:
+    bad = [f"λ_{i}={lam:.4g} (residual {r[f'curvature/eig_residual_{i}']:.2g})"
+           for i, lam in enumerate(r.get("curvature/eigenvalues", []))
+           if not r.get(f"curvature/eig_residual_{i}", 0) <= EIGEN_RESIDUAL_LIMIT * abs(lam)]
+    if bad:
+      notes.append(f"step {r['step']}: unconverged eigenvalue(s) {', '.join(bad)}: residual above"
+                   f" {EIGEN_RESIDUAL_LIMIT:g} |λ|; raise curvature.lanczos_steps")
+  return notes
+
+
 def write_csv(path, rows):
   cols = list(dict.fromkeys(k for r in rows for k in r))
   with open(path, "w", newline="") as f:
@@ -426,7 +446,7 @@ def write_report(workdir):
   out = os.path.join(workdir, REPORT_DIR)
   os.makedirs(out, exist_ok=True)
   trials = load_trials(workdir)
-  notes = [f"{t.trial_id}: {n}" for t in trials for n in t.notes]
+  notes = [f"{t.trial_id}: {n}" for t in trials for n in t.notes + unconverged_eigenvalues(t)]
   if not trials:
     notes.append(f"no trial directories (with a config.json) under {workdir}")
   trows, best_rows = trial_table(trials), best_per_batch(trials)
@@ -450,9 +470,41 @@ def write_report(workdir):
   return out
 
 
+def check_workdir(workdir):
+  """The report's bad input, as one ConfigError before anything is written: a workdir that is not
+  a directory, or a trial's config.json / summary.json that is not a JSON object (both are written
+  atomically, so a reader never sees half of one: such a file was damaged after the fact)."""
+  if not os.path.isdir(workdir):
+    what = "is not a directory" if os.path.exists(workdir) else "does not exist"
+    raise ConfigError(f"--workdir={workdir} {what}: pass the --workdir given to scaling.main")
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = sorted(d for d in dirs if not (root == workdir and d == REPORT_DIR))
+    for name in ("config.json", "summary.json") if "config.json" in files else ():
+      path = os.path.join(root, name)
+      if name not in files:
+        continue
+      try:
+        with open(path) as f:
+          content = json.load(f)
+        problem = None if isinstance(content, dict) else "not a JSON object"
+      except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror}): fix its permissions"
+                          ) from None
+      except ValueError as error:
+        problem = f"not JSON: {error}"
+      if problem:
+        raise ConfigError(f"{path} is corrupt ({problem}): delete it and rerun that trial with"
+                          " scaling.main, which rewrites it (from the trial's checkpoint if it"
+                          " has one), then rerun the report")
+
+
 def main(argv):
   from absl import flags
   del argv
+  try:
+    check_workdir(flags.FLAGS.workdir)
+  except ConfigError as error:  # bad input: one line naming the file and the fix
+    sys.exit(f"report error: {error}")
   print(f"report written to {os.path.join(write_report(flags.FLAGS.workdir), 'index.html')}")
 
 
@@ -460,4 +512,12 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Sweep (or single-trial) workdir to report on.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as error:
+      sys.exit(f"report error: {error} (usage: python -m scaling.report --workdir=DIR, the"
+               " --workdir given to scaling.main)")
+
+  app.run(main, flags_parser=parse_flags)

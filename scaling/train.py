@@ -22,7 +22,7 @@ import numpy as np
 from scaling import checkpoint, curvature, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_fields
 
 
 def epoch_order(data_key, epoch, num_examples):
@@ -75,6 +75,7 @@ def load_data(dataset) -> data.Splits:
 
 def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   """Every check that needs no training, so that a sweep fails before its first trial starts."""
+  check_fields(config)
   micro = microbatching(config, num_devices)
   models.check_microbatch(config.model, micro.microbatch_size)
   if config.augment.crop_padding < 0:

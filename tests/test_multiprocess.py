@@ -12,9 +12,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
-from configs import mnist
+from tests import agree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -30,18 +28,14 @@ FLAGS = [
     "--config.log_every_steps=4", "--config.chunk_steps=4", "--config.chunk_unroll=False",
     "--config.checkpoint.every_steps=8", "--config.train_eval_size=100",
     "--config.eval_batch_size=100",
+    # Curvature is measured on the same mesh: small, but checked too.
+    "--config.curvature.enabled=True", "--config.curvature.subset_size=100",
+    "--config.curvature.max_probes=4", "--config.curvature.min_probes=4",
+    "--config.curvature.probe_chunk=4", "--config.curvature.lanczos_steps=5",
+    "--config.curvature.top_k=1", "--config.curvature.sharpness_steps=2",
+    "--config.curvature.density_starts=1", "--config.curvature.density_steps=5",
 ]
-if "curvature" in mnist.get_config():   # measured on the same mesh: small, but checked too
-  FLAGS += ["--config.curvature.enabled=True", "--config.curvature.subset_size=100",
-            "--config.curvature.max_probes=4",
-            "--config.curvature.probe_chunk=4", "--config.curvature.lanczos_steps=5",
-            "--config.curvature.top_k=1", "--config.curvature.sharpness_steps=2",
-            "--config.curvature.density_starts=1", "--config.curvature.density_steps=5"]
-UNTIMED = ("wall_time", "examples_per_sec")
-
-
-def is_timing(key: str) -> bool:
-  return key in UNTIMED or key.startswith("cost/") or key.endswith("seconds")
+B, G = 32, 4   # --config.batch_size, --config.grad_groups above
 
 
 def free_port() -> int:
@@ -100,13 +94,9 @@ def test_two_processes_match_one_process(tmp_path):
                                        for log, c in zip(logs, codes))
 
   a, b = read_records(one), read_records(two)
-  assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 6
-  for ra, rb in zip(a, b):
-    keys = {k for k in ra if not is_timing(k)}
-    assert keys == {k for k in rb if not is_timing(k)}, ra["step"]
-    for key in sorted(keys):
-      np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7,
-                                 err_msg=f"step {ra['step']} {key}")
+  assert len(a) >= 6 and any("curvature/hessian_trace" in r for r in a)
+  # Plain quantities to 1e-5; noise scale and sharpness to what their conditioning implies.
+  agree.assert_records_agree(b, a, b_small=B // G, b_big=B, rtol=1e-5, atol=1e-7)
 
   for workdir in (one, two):
     with open(os.path.join(workdir, "summary.json")) as f:

@@ -7,10 +7,12 @@ must already be prepared in the TFDS data dir, since no machine here can downloa
 import dataclasses
 import fcntl
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from scaling.config import ConfigError
 from scaling.data import tfds_builders
 
 _BUILDERS = {
@@ -18,6 +20,7 @@ _BUILDERS = {
     "fashion_mnist": tfds_builders.ScalingFashionMnist,
     "mnist_tiny": tfds_builders.ScalingMnistTiny,
 }
+_KNOWN = ("digits", *_BUILDERS)
 _DIGITS_TEST_SIZE = 297  # 1,797 = 1,500 train + 297 test.
 
 
@@ -42,6 +45,7 @@ def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
   remaining train examples (for quick runs). The data dir is `data_dir`, else $TFDS_DATA_DIR, else
   TFDS's default (~/tensorflow_datasets).
   """
+  check_name(name)
   if name == "digits":
     (images, labels), (test_images, test_labels) = _digits()
     num_classes, pixel_scale = 10, 1 / 16
@@ -68,6 +72,17 @@ def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
       num_classes=num_classes, pixel_scale=pixel_scale, name=name)
 
 
+def check_name(name: str) -> None:
+  """The errors a name shows without reading anything: empty, or a version of a project set."""
+  if not isinstance(name, str) or not name.strip():
+    raise ConfigError(f"dataset.name={name!r} is empty: use one of {_KNOWN} or the name of a set"
+                      " prepared in the TFDS data dir")
+  base, _, version = name.partition(":")
+  if version and base in _KNOWN:
+    raise ConfigError(f"dataset.name={name!r}: the project's {base!r} has one version, not"
+                      f" {version!r}: use dataset.name={base!r}")
+
+
 def _digits():
   from sklearn.datasets import load_digits  # Imported here: only this data set needs scikit-learn.
   digits = load_digits()
@@ -92,11 +107,16 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    builder = None
+    builder = None   # not a name TFDS registers, but it may be prepared in the data dir
+  except (ValueError, AssertionError) as error:  # a version TFDS does not have, a malformed name
+    reason = re.sub(r'^Failed to construct dataset .*?builder_kwargs ".*?": ', "",
+                    " ".join(str(error).split("\n")[0].split()))
+    raise ConfigError(f"dataset.name={name!r} cannot be built ({reason}): use one of {_KNOWN},"
+                      " or name[/config][:x.y.z] of a TFDS set prepared in the data dir") from None
   if builder is None or not builder.is_prepared():
     raise FileNotFoundError(
-        f"data set {name!r} is not prepared in {data_dir} and this machine cannot download it: "
-        f"use one of {['digits', *_BUILDERS]}, or prepare it with TFDS elsewhere and copy it there")
+        f"dataset.name={name!r} is not prepared in {data_dir} and this machine cannot download it:"
+        f" use one of {_KNOWN}, or prepare it with TFDS elsewhere and copy it there")
   return builder
 
 
