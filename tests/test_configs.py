@@ -2,6 +2,7 @@
 and trains its first steps on 8 fake devices: no config may assume a device count."""
 import glob
 import importlib
+import json
 import os
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_config_trains_its_first_steps_on_eight_devices(name, tmp_path):
   summary = train.run(config, str(tmp_path / "trial"))
   assert summary["status"] == "done" and summary["step"] == 2
   assert np.isfinite(summary["final"]["train/loss"])
-  derived = train.json.load(open(tmp_path / "trial" / "config.json"))["derived"]
+  derived = json.load(open(tmp_path / "trial" / "config.json"))["derived"]
   groups = derived["microbatching"]["groups"]
   assert groups % 8 == 0 and groups >= config.grad_groups
   assert derived["microbatching"]["microbatch_size"] * groups == config.batch_size
