@@ -99,8 +99,8 @@ def plan_microbatches(batch_size: int, grad_groups: int, accumulation_steps: int
                       f" devices: use a multiple of {num_devices}")
   per_device = batch_size // num_devices
   if per_device % accumulation_steps:
-    raise ConfigError(f"accumulation_steps={accumulation_steps} does not divide the per-device batch"
-                      f" of {per_device} (batch_size={batch_size} / {num_devices} devices): use a"
+    raise ConfigError(f"accumulation_steps={accumulation_steps} does not divide the per-device"
+                      f" batch of {per_device} (batch_size={batch_size} / {num_devices} devices): use a"
                       f" divisor of {per_device}")
   per_device_groups = -(-grad_groups // num_devices)
   microbatches = -(-per_device_groups // accumulation_steps) * accumulation_steps
@@ -168,18 +168,22 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
     """Runs on each device with its slice of L = B / devices examples; state is replicated."""
     grad_fn = jax.value_and_grad(functools.partial(_microbatch_loss, apply_fn), has_aux=True)
 
-    def microbatches(sums, images_KxX, labels_K):
-      """Adds the gradients (and their squared norms) of per_scan_step microbatches to `sums`."""
-      for x_bxX, y_b in zip(jnp.split(images_KxX, per_scan_step), jnp.split(labels_K, per_scan_step)):
+    def microbatches(sums, images_SxX, labels_S):
+      """Adds the gradients (and their squared norms) of the per_scan_step microbatches of these
+      S examples to `sums`."""
+      for x_bxX, y_b in zip(jnp.split(images_SxX, per_scan_step),
+                            jnp.split(labels_S, per_scan_step)):
         (loss, (stats, accuracy)), grads = grad_fn(params, batch_stats, x_bxX, y_b)
         sums = _add(sums, {"grad": grads, "grad_sq": curvature.sq_norm(grads), "loss": loss,
                            "accuracy": accuracy, "batch_stats": stats})
       return sums
 
-    f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), tree)
-    zeros = {"grad": f32(params), "grad_sq": jnp.zeros((), jnp.float32),
-             "loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32),
-             "batch_stats": f32(batch_stats)}
+    # Sums in float32 at least, whatever the parameters' dtype.
+    zeros_like = lambda tree: jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), tree)
+    scalar = jnp.zeros((), jnp.float32)
+    zeros = {"grad": zeros_like(params), "grad_sq": scalar, "loss": scalar, "accuracy": scalar,
+             "batch_stats": zeros_like(batch_stats)}
     if mb.accumulation_steps == 1:
       sums = microbatches(zeros, images_LxX, labels_L)   # unrolled: fast convolutions on CPU
     else:

@@ -79,7 +79,8 @@ def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   micro = microbatching(config, num_devices)
   models.check_microbatch(config.model, micro.microbatch_size)
   if config.augment.crop_padding < 0:
-    raise ConfigError(f"augment.crop_padding={config.augment.crop_padding} must be >= 0 (0 = no crops)")
+    raise ConfigError(f"augment.crop_padding={config.augment.crop_padding} must be >= 0"
+                      " (0 = no crops)")
   if config.chunk_steps < 1:
     raise ConfigError(f"chunk_steps={config.chunk_steps} must be >= 1")
   plan = schedule.make_plan(config, num_train)
@@ -219,7 +220,8 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
-# The noise-scale groups follow the device count (derived.microbatching): the estimators stay unbiased.
+# The noise-scale groups follow the device count (derived.microbatching); the estimators stay
+# unbiased.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
                      "derived.microbatching",
                      "chunk_steps", "eval_batch_size")
