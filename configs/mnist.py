@@ -71,6 +71,26 @@ def get_config():
       sharpness_eps=1e-3, sharpness_steps=10,               # Keskar et al.'s epsilon-sharpness
       density=True, density_starts=4, density_steps=30))    # stochastic Lanczos quadrature
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, asynchronous=True))
+  # Slurm jobs from this config (`python -m scaling.launch`, README "Clusters"): one array task
+  # per unfinished trial, each trial one `srun` step of nodes x tasks_per_node processes (more
+  # than one: jax.distributed, coordinator and rank from Slurm's environment). Only the launcher
+  # reads it; a trial's numbers never depend on it.
+  c.cluster = ml_collections.ConfigDict(dict(
+      partition="",           # '' = the cluster's default partition
+      account="",             # '' = your default account
+      time="04:00:00",        # time limit per trial (Slurm's --time: MM, HH:MM:SS or D-HH:MM:SS)
+      nodes=1,                # nodes per trial
+      tasks_per_node=1,       # processes per node: 1, or one per GPU (then = gpus_per_node)
+      gpus_per_node=0,        # every task sees all of them; JAX takes GPU number $SLURM_LOCALID
+      cpus_per_task=4,
+      mem="",                 # memory per node, e.g. '64G'; '' = the partition's default
+      max_running=8,          # array tasks (trials) running at once; 0 = no limit
+      signal_seconds=300,     # SIGTERM this long before the time limit: checkpoint, then requeue
+      max_requeues=20,        # a trial preempted more often than this stays stopped (a loop guard)
+      extra_sbatch=(),        # more sbatch options, e.g. ('--qos=high', '--constraint=a100')
+      setup="",               # shell run before each trial: module load ..., source venv/bin/activate
+      python="python3",       # the interpreter on the compute nodes (after setup)
+  ))
   # Sweep axes mirror the config's fields; every leaf is a tuple of values (see configs/mnist_sweep.py).
   c.sweep = ml_collections.ConfigDict()       # grid axes; empty: a single trial in the workdir
   c.sweep_zip = ml_collections.ConfigDict()   # equal-length axes that vary together

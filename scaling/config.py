@@ -5,14 +5,18 @@ whose value can be judged without data or devices, and what a broken config file
 so a bad value costs seconds, not the trials before it. It reads the config and nothing else: no
 JAX, no data. A field a config does not have is skipped: the schema lives in the config files.
 `load_file` and `override_problem` turn what ml_collections raises while parsing --config and
---config.<field> (a traceback) into one line; main.py calls them when that parsing fails.
+--config.<field> (a traceback) into one line; `parse_flags`, the flag parser of the entry points
+(main.py, launch.py), calls them when that parsing fails.
 """
 import difflib
 import importlib.util
 import math
 import os
+import re
+import sys
 import traceback
 
+from absl import flags
 import ml_collections
 
 
@@ -101,9 +105,13 @@ def _get(config, dotted: str):
 
 def logged_metrics(config) -> list[str]:
   """The metrics every evaluation of this config logs: the names a target may use."""
-  sizes = {"valid": _get(config, "dataset.validation_size"), "test": 1,
+  # A language model (text data) logs bits per character too; its validation split is whole
+  # works chosen by the data set's builder, whatever dataset.validation_size says.
+  text = _get(config, "model.name") == "transformer"
+  sizes = {"valid": 1 if text else _get(config, "dataset.validation_size"), "test": 1,
            "train_eval": _get(config, "train_eval_size")}
-  return [f"{split}/{metric}" for split in EVAL_SPLITS for metric in EVAL_METRICS
+  metrics = EVAL_METRICS + (("bpc",) if text else ())
+  return [f"{split}/{metric}" for split in EVAL_SPLITS for metric in metrics
           if not (_finite(sizes[split]) and sizes[split] <= 0)]
 
 
@@ -211,3 +219,53 @@ def override_problem(config, dotted: str, spec: str) -> str | None:
       return f"--config.{dotted}: {spec} has no field {'.'.join(path + [name])!r}: {hint}"
     node, path = node[name], path + [name]
   return None
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config in argv (ml_collections' own rule: `--config=X` or `--config X`)."""
+  for i, arg in enumerate(argv):
+    match = re.match(r"^--?config(=|$)(.*)", arg)
+    if match:
+      return match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
+  return None
+
+
+def _explain(error: Exception | None, argv: list[str]) -> str:
+  """One line for a failed parse of the flags: the config file, else an override, else absl's."""
+  spec = _config_spec(argv)
+  if not spec:
+    return "--config is required: pass a config file, e.g. --config=configs/mnist.py"
+  try:
+    config = load_file(spec)
+  except ConfigError as bad_file:
+    return str(bad_file)
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    problem = match and override_problem(config, match.group(1), spec)
+    if problem:
+      return problem
+  message = str(error or "the config did not load").strip().splitlines()[0]
+  if message.startswith("flag --workdir=None"):
+    return "--workdir is required: pass the directory for the outputs, e.g. --workdir=runs/x"
+  field = re.match(r"flag --config\.([\w.]+)=", message)
+  if field:   # a value of the wrong type: say what the field holds
+    value = config
+    for name in field.group(1).split("."):
+      value = value[name]
+    message += (f": {field.group(1)} takes {type(value).__name__} values (the config file has"
+                f" {value!r})")
+  return message
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)` in a module that defines a
+  --config flag), with every error of --config and --config.<field> as one line."""
+  try:
+    rest = flags.FLAGS(argv)
+    # ml_collections defers an unreadable config file's error to the first use of the config.
+    if isinstance(flags.FLAGS["config"].value, ml_collections.ConfigDict):
+      return rest
+    error = None
+  except Exception as parse_error:  # the config file runs here: whatever it raises is bad input
+    error = parse_error
+  sys.exit(f"config error: {_explain(error, argv)}")

@@ -9,12 +9,10 @@ workdir that cannot be written) exits non-zero with one line, `config error: ...
 field and the fix, before any trial trains: never a traceback.
 """
 import os
-import re
 import sys
 import tempfile
 
 from absl import app, flags, logging
-import ml_collections
 from ml_collections import config_flags
 
 from scaling import config as config_lib
@@ -34,55 +32,6 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/scaling/jax", "Persistent XLA compilation cache ('' = off):"
     " trials of a sweep and reruns reuse compiled steps instead of compiling again.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _config_spec(argv: list[str]) -> str | None:
-  """The value of --config in argv (ml_collections' own rule: `--config=X` or `--config X`)."""
-  for i, arg in enumerate(argv):
-    match = re.match(r"^--?config(=|$)(.*)", arg)
-    if match:
-      return match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
-  return None
-
-
-def _explain(error: Exception | None, argv: list[str]) -> str:
-  """One line for a failed parse of the flags: the config file, else an override, else absl's."""
-  spec = _config_spec(argv)
-  if not spec:
-    return "--config is required: pass a config file, e.g. --config=configs/mnist.py"
-  try:
-    config = config_lib.load_file(spec)
-  except ConfigError as bad_file:
-    return str(bad_file)
-  for arg in argv:
-    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
-    problem = match and config_lib.override_problem(config, match.group(1), spec)
-    if problem:
-      return problem
-  message = str(error or "the config did not load").strip().splitlines()[0]
-  if message.startswith("flag --workdir=None"):
-    return "--workdir is required: pass the directory for the outputs, e.g. --workdir=runs/x"
-  field = re.match(r"flag --config\.([\w.]+)=", message)
-  if field:   # a value of the wrong type: say what the field holds
-    value = config
-    for name in field.group(1).split("."):
-      value = value[name]
-    message += (f": {field.group(1)} takes {type(value).__name__} values (the config file has"
-                f" {value!r})")
-  return message
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every error of --config and --config.<field> as one line."""
-  try:
-    rest = flags.FLAGS(argv)
-    # ml_collections defers an unreadable config file's error to the first use of the config.
-    if isinstance(_CONFIG.value, ml_collections.ConfigDict):
-      return rest
-    error = None
-  except Exception as parse_error:  # the config file runs here: whatever it raises is bad input
-    error = parse_error
-  sys.exit(f"config error: {_explain(error, argv)}")
 
 
 def check_workdir(workdir: str) -> None:
@@ -108,6 +57,9 @@ def main(argv):
       check_workdir(_WORKDIR.value)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       import jax
+      from scaling import launch
+      if not _COORDINATOR.value:   # detected from Slurm: its tasks must be the processes, else
+        launch.check_slurm_processes(os.environ, _NUM_PROCESSES.value)   # initialize() waits
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CACHE.value:
       import jax
@@ -120,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

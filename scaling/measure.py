@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling import curvature, sharding
-from scaling.step import cross_entropy_B
+from scaling.step import cross_entropy_B, mask_like
 
 
 def _subset(splits, size: int, mesh):
@@ -27,7 +27,8 @@ def _subset(splits, size: int, mesh):
   pad = -n % mesh.size
   images = splits.train_images[:n].astype(np.float32) * splits.pixel_scale
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-  labels = np.concatenate([splits.train_labels[:n], np.zeros(pad, splits.train_labels.dtype)])
+  labels = splits.train_labels[:n]   # [n], or [n, T] for a sequence model
+  labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
   weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
   return sharding.put_batch((images, labels, weights), mesh)
 
@@ -47,6 +48,7 @@ class Measure:
 
     def loss(params, batch_stats, images, labels, weights):
       logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+      weights = mask_like(weights, labels)   # a sequence model's loss is the mean over tokens
       return (cross_entropy_B(logits, labels) * weights).sum() / weights.sum()
 
     def bind(fn):  # f(loss_fn, params, *args) -> jitted g(params, batch_stats, data, *args)
@@ -134,7 +136,7 @@ def offline_main(argv):
     resolved.pop(key, None)
   config = ml_collections.ConfigDict(resolved)
   mesh = sharding.make_mesh(config.num_devices)
-  splits = train.load_data(config.dataset)
+  splits = train.load_data(config)
   _, model, _, optimizer = train.build(config, splits, mesh)
   abstract_state, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)

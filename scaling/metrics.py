@@ -23,9 +23,10 @@ def _plain(value):
 class MetricsWriter:
 
   def __init__(self, workdir: str, batch_size: int, total_steps: int, start_step: int = 0,
-               elapsed: float = 0.0):
+               elapsed: float = 0.0, tokens_per_example: int = 0):
     self.enabled = jax.process_index() == 0
     self.batch_size = batch_size
+    self.tokens_per_example = tokens_per_example   # a language model's batch measure; 0: none
     self.total_steps = total_steps
     self._t0 = time.time() - elapsed       # wall_time continues across resumes
     if self.enabled:
@@ -43,6 +44,8 @@ class MetricsWriter:
       return
     record = {"step": int(step), "examples": int(step) * self.batch_size,
               "wall_time": round(self.elapsed(), 3)}
+    if self.tokens_per_example:
+      record["tokens"] = record["examples"] * self.tokens_per_example
     record.update({k: _plain(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     for key, value in record.items():

@@ -219,10 +219,18 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
   return new_state, metrics
 
 
+def mask_like(mask_E, labels_ExS):
+  """An [E] example mask broadcast over the labels' trailing axes (a sequence model's [E, T])."""
+  return jnp.broadcast_to(mask_E.reshape(mask_E.shape + (1,) * (labels_ExS.ndim - 1)),
+                          labels_ExS.shape)
+
+
 def eval_sums(params, batch_stats, images_ExX, labels_E, mask_E, *, apply_fn, pixel_scale):
-  """Summed loss and errors over one padded eval chunk (mask marks real examples); eval-mode BN."""
+  """Summed loss, errors and label count over one padded eval chunk (mask marks real examples;
+  a sequence model's labels [E, T] count each token); eval-mode BN."""
   logits = apply_fn({"params": params, "batch_stats": batch_stats},
                     images_ExX.astype(jnp.float32) * pixel_scale, train=False)
-  loss = (cross_entropy_B(logits, labels_E) * mask_E).sum()
-  errors = ((logits.argmax(-1) != labels_E) * mask_E).sum()
-  return loss, errors
+  mask = mask_like(mask_E, labels_E)
+  loss = (cross_entropy_B(logits, labels_E) * mask).sum()
+  errors = ((logits.argmax(-1) != labels_E) * mask).sum()
+  return loss, errors, mask.sum()

@@ -30,10 +30,18 @@ def epoch_order(data_key, epoch, num_examples):
   return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
 
 
-def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size, steps_per_epoch,
-                pixel_scale, step_fn, shard_batch, unroll):
-  """`num_steps` training steps in one scan; batches are gathered on the devices."""
-  n = labels_N.shape[0]
+def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
+  """Examples idx_B of the device-resident (images, labels) -> a float batch."""
+  del data_key, epoch   # the order alone decides an image batch
+  images_NxX, labels_N = arrays
+  return images_NxX[idx_B].astype(jnp.float32) * pixel_scale, labels_N[idx_B]
+
+
+def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size, steps_per_epoch,
+                gather, step_fn, shard_batch, unroll):
+  """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
+  n = num_examples
 
   def body(carry, _):
     state, order_N = carry
@@ -42,8 +50,8 @@ def train_chunk(state, images_NxX, labels_N, data_key, *, num_steps, batch_size,
                            lambda: order_N)
     # Each device gathers only its own slice of the batch.
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
-    images_BxX = images_NxX[idx_B].astype(jnp.float32) * pixel_scale
-    state, metrics = step_fn(state, images_BxX, labels_N[idx_B])
+    inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
+    state, metrics = step_fn(state, inputs_BxX, targets_B)
     return (state, order_N), metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
@@ -58,17 +66,26 @@ def _padded_eval_set(images, labels, eval_batch, mesh):
   m = max(1, math.ceil(n / eval_batch))
   pad = m * eval_batch - n
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  chunked = (images.reshape(m, eval_batch, *images.shape[1:]), labels.reshape(m, eval_batch),
+  chunked = (images.reshape(m, eval_batch, *images.shape[1:]),
+             labels.reshape(m, eval_batch, *labels.shape[1:]),
              mask.reshape(m, eval_batch))
   return sharding.put_eval(chunked, mesh)
 
 
-def load_data(dataset) -> data.Splits:
+def context_length(config) -> int:
+  """Tokens per example: the Transformer's context length; 0 for the image models."""
+  return config.model.context_length if config.model.name == "transformer" else 0
+
+
+def load_data(config) -> data.Splits:
+  """config.dataset -> Splits; text comes in windows of the Transformer's context length."""
+  dataset = config.dataset
   try:
     return data.load(dataset.name, data_dir=dataset.data_dir or None,
-                     validation_size=dataset.validation_size, train_size=dataset.train_size or None)
+                     validation_size=dataset.validation_size, train_size=dataset.train_size or None,
+                     context_length=context_length(config))
   except (ValueError, FileNotFoundError) as error:  # data.load's errors name the field already
     raise ConfigError(str(error)) from None
 
@@ -143,12 +160,14 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
-  splits = load_data(config.dataset)
+  splits = load_data(config)
   plan, model, lr_fn, optimizer = build(config, splits, mesh)
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
   state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
   num_params = models.parameter_count(abstract_state.params)
   resolved = resolved_config(config, plan, mesh.size, num_params)
+  if splits.context_length:
+    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
   resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
@@ -169,8 +188,12 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
   write_json(os.path.join(workdir, "config.json"), resolved)
 
-  train_images, train_labels = sharding.put_replicated(
-      (splits.train_images, splits.train_labels), mesh)
+  if splits.train_text is None:
+    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
+  else:  # random windows of the whole train text; its fixed windows only size an epoch
+    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
+    train_arrays = sharding.put_replicated((splits.train_text,), mesh)
   eval_sets = {
       "valid": (splits.valid_images, splits.valid_labels),
       "test": (splits.test_images, splits.test_labels),
@@ -189,9 +212,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       augment_key=jax.random.PRNGKey(config.seed + 2_000_003),
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
   chunk_fn = jax.jit(
-      functools.partial(train_chunk, batch_size=config.batch_size,
-                        steps_per_epoch=plan.steps_per_epoch, pixel_scale=splits.pixel_scale,
-                        step_fn=step_fn, unroll=config.chunk_unroll,
+      functools.partial(train_chunk, num_examples=len(splits.train_labels),
+                        batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
+                        gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
                         shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
       static_argnames="num_steps", donate_argnames="state")
   eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
@@ -203,18 +226,18 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
     for split, (images, labels, mask) in eval_sets.items():
       sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
               for i in range(len(labels))]   # a Python loop: see chunk_unroll above
-      loss, errors = np.sum(sharding.to_host(sums), axis=0)
-      count = float(np.sum(sharding.to_host(mask)))
-      results[f"{split}/loss"] = float(loss) / count
-      results[f"{split}/error"] = float(errors) / count
+      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
+      results[f"{split}/loss"] = float(loss) / float(count)
+      results[f"{split}/error"] = float(errors) / float(count)
+      if splits.context_length:   # bits per character: the language-modelling unit
+        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
     return results
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
   try:
     return _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
-                       measure, (train_images, train_labels, data_key),
-                       microbatching(config, mesh.size).groups)
+                       measure, (train_arrays, data_key), microbatching(config, mesh.size).groups)
   finally:
     ckpts.close()
 
@@ -223,8 +246,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
 # The noise-scale groups follow the device count (derived.microbatching); the estimators stay
 # unbiased.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "derived.microbatching",
-                     "chunk_steps", "eval_batch_size")
+                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -334,32 +356,37 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
-def _summary(book: dict, step: int, batch_size: int) -> dict:
+def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int) -> dict:
+  tokens = {"tokens": step * batch_size * tokens_per_example} if tokens_per_example else {}
   return {
-      "status": book["status"], "step": step, "examples": step * batch_size,
+      "status": book["status"], "step": step, "examples": step * batch_size, **tokens,
       "wall_time": book["elapsed"], "diverged_at_step": book["diverged_at_step"],
       "target": book["target"], "final": {**book["last_train"], **book["last_eval"]}, "best": book["best"],
       "noise": _noise_metrics(book["noise"]), "curvature": book["curvature"],
   }
 
 
-def _record_eval(book: dict, step: int, batch_size: int, results: dict) -> None:
+def _record_eval(book: dict, step: int, batch_size: int, results: dict,
+                 tokens_per_example: int) -> None:
   book["last_eval"] = dict(results)
-  for key in ("valid/error", "test/error"):
+  for key in ("valid/error", "test/error", "valid/bpc", "test/bpc"):
     if key in results:
       book["best"][key] = min(book["best"].get(key, math.inf), results[key])
   target = book["target"]
   value = results.get(target["metric"])
   if not target["reached"] and value is not None and target_reached(value, target["value"]):
     target.update(reached=True, step=step, examples=step * batch_size)
+    if tokens_per_example:
+      target["tokens"] = step * batch_size * tokens_per_example
 
 
 def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data, groups):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
-  B, G = config.batch_size, groups   # G: the groups in use (derived.microbatching)
+  B, G, T = config.batch_size, groups, context_length(config)   # G: derived.microbatching's
   noise_sizes = (B // G, B) if G > 1 else None
-  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"])
+  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"],
+                                     tokens_per_example=T)
   summary_path = os.path.join(workdir, "summary.json")
   checkpoint_every = config.checkpoint.every_steps
 
@@ -373,7 +400,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     if step == 0 and config.eval_at_start:
       results = evaluate(state)
       writer.write(0, results)
-      _record_eval(book, 0, B, results)
+      _record_eval(book, 0, B, results, T)
     while step < plan.total_steps and book["status"] == "running":
       # Dispatch every chunk up to the next evaluation, then fetch their metrics in one go.
       segment_end = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
@@ -398,7 +425,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
       if step % plan.eval_every_steps == 0 or step == plan.total_steps:
         results = evaluate(state)
         writer.write(step, results)
-        _record_eval(book, step, B, results)
+        _record_eval(book, step, B, results, T)
         if config.target.stop_at_target and book["target"]["reached"]:
           book["status"] = "done"
         finishing = step == plan.total_steps or book["status"] == "done"
@@ -415,12 +442,11 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
           save(state, step)
         book["elapsed"] = writer.elapsed()
         writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-        write_json(summary_path, _summary(book, step, B))
+        write_json(summary_path, _summary(book, step, B, T))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
           and step < plan.total_steps):
-        book["status"] = "preempted"
-        save(state, step)
+        book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
         break
     if book["status"] == "running":
       book["status"] = "done"
@@ -429,7 +455,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     ckpts.wait()
     book["elapsed"] = writer.elapsed()
     writer.close()
-    summary = _summary(book, step, B)
+    summary = _summary(book, step, B, T)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
     raise Preempted(128 + (stop.signal or signal.SIGTERM))

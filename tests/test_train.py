@@ -107,7 +107,7 @@ def test_logged_lr_follows_the_schedule(trained):
 
 def _one_step(config, devices, state_host, images_BxX, labels_B):
   """One train_step on `devices` devices from the same host state and batch -> host numbers."""
-  splits = train.load_data(config.dataset)
+  splits = train.load_data(config)
   mesh = sharding.make_mesh(devices)
   _, model, lr_fn, optimizer = train.build(config, splits, mesh)
   step_fn = jax.jit(functools.partial(
@@ -123,7 +123,7 @@ def test_one_step_is_bit_identical_on_one_and_eight_devices():
   of 4) -> the same step on 1 or 8 devices. Only the all-reduce order differs, and for these
   sums of 8 group values it gives identical bits here; allowed: 4 ulp."""
   config = tiny_config(**{"model.batch_norm": True})
-  splits = train.load_data(config.dataset)
+  splits = train.load_data(config)
   mesh = sharding.make_mesh(1)
   _, model, _, optimizer = train.build(config, splits, mesh)
   _, init = train.abstract_train_state(config, model, optimizer, splits, mesh)

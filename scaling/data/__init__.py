@@ -3,6 +3,10 @@
 'mnist', 'fashion_mnist' and 'mnist_tiny' are prepared offline on first use by the project's own
 TFDS builders (scaling/data/tfds_builders.py); 'digits' is scikit-learn's bundled 8x8 set; any other name
 must already be prepared in the TFDS data dir, since no machine here can download a data set.
+
+'shakespeare' and 'shakespeare_tiny' are text (scaling/data/text.py): the same Splits hold fixed
+non-overlapping byte windows, inputs [M, T] in the *_images fields and next-byte targets [M, T] in
+*_labels, and `train_text` holds the whole train text that training windows are drawn from.
 """
 import dataclasses
 import fcntl
@@ -13,12 +17,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from scaling.config import ConfigError
-from scaling.data import tfds_builders
+from scaling.data import text, tfds_builders
 
 _BUILDERS = {
     "mnist": tfds_builders.ScalingMnist,
     "fashion_mnist": tfds_builders.ScalingFashionMnist,
     "mnist_tiny": tfds_builders.ScalingMnistTiny,
+    "shakespeare": text.ScalingShakespeare,
+    "shakespeare_tiny": text.ScalingShakespeareTiny,
 }
 _KNOWN = ("digits", *_BUILDERS)
 _DIGITS_TEST_SIZE = 297  # 1,797 = 1,500 train + 297 test.
@@ -35,22 +41,27 @@ class Splits:
   num_classes: int
   pixel_scale: float  # uint8 pixels * pixel_scale are floats in [0, 1].
   name: str
+  context_length: int = 0               # text: bytes per input window (T); 0 for images
+  train_text: np.ndarray | None = None  # text: uint8 [N], the whole train split; None for images
 
 
 def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
-         train_size: int | None = None) -> Splits:
+         train_size: int | None = None, context_length: int = 0) -> Splits:
   """Loads `name`, holding out the LAST `validation_size` examples of the official train split.
 
   Shallue et al. hold out 5k of MNIST's 60k. `train_size` keeps only the first `train_size` of the
   remaining train examples (for quick runs). The data dir is `data_dir`, else $TFDS_DATA_DIR, else
-  TFDS's default (~/tensorflow_datasets).
+  TFDS's default (~/tensorflow_datasets). Text needs `context_length` and takes its validation
+  split from the builder (whole works), so `validation_size` and `train_size` must be 0 there.
   """
   check_name(name)
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+  if name in _BUILDERS and issubclass(_BUILDERS[name], text.TextBuilder):
+    return _load_text(name, data_dir, validation_size, train_size, context_length)
   if name == "digits":
     (images, labels), (test_images, test_labels) = _digits()
     num_classes, pixel_scale = 10, 1 / 16
   else:
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
     builder = _prepared_builder(name, data_dir)
     images, labels = _read_split(builder, "train")
     test_images, test_labels = _read_split(builder, "test")
@@ -70,6 +81,31 @@ def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
       valid_images=images[cut:], valid_labels=labels[cut:].astype(np.int32),
       test_images=test_images, test_labels=test_labels.astype(np.int32),
       num_classes=num_classes, pixel_scale=pixel_scale, name=name)
+
+
+def _load_text(name, data_dir, validation_size, train_size, context_length) -> Splits:
+  if validation_size or train_size:
+    raise ValueError(f"dataset.validation_size={validation_size} and dataset.train_size="
+                     f"{train_size} must be 0 for text: {name!r} is split by whole works")
+  if context_length < 1:
+    raise ValueError(f"model.context_length={context_length} must be >= 1 for text data {name!r}")
+  builder = _prepared_builder(name, data_dir)
+  texts = {split: builder.read_text(split) for split in text.SPLITS}
+  T = context_length
+  for split, at_least in (("train", 2), ("validation", 1), ("test", 1)):
+    # Training needs a spare window for its random phase (text.train_windows_per_epoch).
+    if text.num_windows(len(texts[split]), T) < at_least:
+      raise ValueError(f"model.context_length={T} is longer than the {split} text of {name!r}"
+                       f" allows ({len(texts[split])} bytes): use at most"
+                       f" {(len(texts[split]) - 1) // at_least}")
+  train_x, train_y = text.fixed_windows(texts["train"], T,
+                                        text.train_windows_per_epoch(len(texts["train"]), T))
+  (valid_x, valid_y), (test_x, test_y) = (text.fixed_windows(texts[s], T) for s in text.SPLITS[1:])
+  return Splits(train_images=train_x, train_labels=train_y.astype(np.int32),
+                valid_images=valid_x, valid_labels=valid_y.astype(np.int32),
+                test_images=test_x, test_labels=test_y.astype(np.int32),
+                num_classes=256, pixel_scale=1.0, name=name, context_length=T,
+                train_text=texts["train"])
 
 
 def check_name(name: str) -> None:
@@ -102,7 +138,13 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
       with open(os.path.join(data_dir, f".{builder.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         builder = _BUILDERS[name](data_dir=data_dir)  # Sees data prepared while we waited.
-        builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+        try:
+          builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+        except Exception:
+          # TFDS removes its incomplete files but leaves the data set's directory: a failed
+          # prepare (a corrupted download) leaves nothing of the data set behind.
+          _remove_if_empty(os.path.join(data_dir, builder.name))
+          raise
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -118,6 +160,15 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         f"dataset.name={name!r} is not prepared in {data_dir} and this machine cannot download it:"
         f" use one of {_KNOWN}, or prepare it with TFDS elsewhere and copy it there")
   return builder
+
+
+def _remove_if_empty(directory: str) -> None:
+  for path in sorted((os.path.join(root, d) for root, dirs, _ in os.walk(directory) for d in dirs),
+                     reverse=True) + [directory]:
+    try:
+      os.rmdir(path)   # Only ever removes empty directories.
+    except OSError:
+      pass
 
 
 def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from scaling.config import ConfigError
 from scaling.models.cnn import SimpleCNN
 from scaling.models.mlp import MLP
 from scaling.models.resnet import ResNet
+from scaling.models.transformer import Transformer
 
 
 def build(model_config, num_classes: int) -> nn.Module:
@@ -27,7 +28,15 @@ def build(model_config, num_classes: int) -> nn.Module:
     if model_config.width < 1:
       raise ConfigError(f"model.width={model_config.width} must be >= 1 (16 in He et al.)")
     return ResNet(num_classes, depth, model_config.width, model_config.ghost_batch_size)
-  raise ConfigError(f"model.name={name!r} is unknown: use 'mlp', 'cnn' or 'resnet'")
+  if name == "transformer":
+    m = model_config
+    if m.width % m.heads or (m.positions == "rotary" and (m.width // m.heads) % 2):
+      raise ConfigError(f"model.heads={m.heads} must divide model.width={m.width} (into an even"
+                        " head size for rotary positions)")
+    if m.positions not in ("learned", "rotary"):
+      raise ConfigError(f"model.positions={m.positions!r} is unknown: use 'learned' or 'rotary'")
+    return Transformer(num_classes, m.width, m.depth, m.heads, m.context_length, m.positions)
+  raise ConfigError(f"model.name={name!r} is unknown: use 'mlp', 'cnn', 'resnet' or 'transformer'")
 
 
 def check_microbatch(model_config, microbatch_size: int) -> None:
