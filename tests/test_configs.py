@@ -17,7 +17,9 @@ CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
                  if not p.endswith("__init__.py"))
 # Train examples left after the configs' validation hold-out, so listing needs no download.
 LISTED_SIZES = {("mnist", 5000): 55_000, ("fashion_mnist", 5000): 55_000}
-SMALL_DATA = {"mnist": "mnist_tiny", "fashion_mnist": "mnist_tiny"}   # same image shape
+_TINY_IMAGES = {"dataset.name": "mnist_tiny", "dataset.validation_size": 100}   # same shape
+SMALL_DATA = {"mnist": _TINY_IMAGES, "fashion_mnist": _TINY_IMAGES,
+              "shakespeare": {"dataset.name": "shakespeare_tiny"}}   # the committed slice
 
 
 def get_config(name):
@@ -53,8 +55,7 @@ def test_config_trains_its_first_steps_on_eight_devices(name, tmp_path):
       "chunk_steps": 1, "curvature.enabled": False, "train_eval_size": 64,
       "eval_batch_size": 256, "checkpoint.every_steps": 0})
   if config.dataset.name in SMALL_DATA:
-    override(config, **{"dataset.name": SMALL_DATA[config.dataset.name],
-                        "dataset.validation_size": 100, "dataset.train_size": 0})
+    override(config, **SMALL_DATA[config.dataset.name])
   if config.model.name == "resnet":
     config.model.depth = 8
   summary = train.run(config, str(tmp_path / "trial"))
