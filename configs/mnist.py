@@ -23,12 +23,13 @@ def get_config():
       name="momentum",        # sgd | momentum | nesterov | adam | adamw | lars | lamb
       momentum=0.9, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, trust_coefficient=0.001))
 
-  # The object of study: lr = base_lr * (batch_size / reference_batch_size) ** power.
+  # The object of study: lr = base_lr * (batch_size / reference_batch_size) ** power * lr_multiplier.
   c.batch_size = 128
   c.base_lr = 0.02
   c.reference_batch_size = 128
   c.lr_rule = "linear"        # none | sqrt | linear | power (then lr_power is the exponent)
   c.lr_power = 1.0
+  c.lr_multiplier = 1.0       # times the rule's LR: sweep it to tune the LR at every batch size
   # Durations are {length, unit} with unit steps | epochs | examples, turned into steps once.
   c.warmup = ml_collections.ConfigDict(dict(length=0.5, unit="epochs", init_fraction=0.0))
   c.decay = ml_collections.ConfigDict(dict(

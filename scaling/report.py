@@ -3,10 +3,20 @@
     python -m scaling.report --workdir=runs/mnist_sweep
 
 Reads what scaling/train.py writes per trial (config.json, metrics.jsonl, summary.json) and works
-on partial or still-running sweeps. Steps to target follow Shallue et al. 2018: the first eval
-whose target metric is strictly below the target value; per (group, batch size) the best trial
-over seeds and other metaparameters counts. The critical batch size comes from a fit of McCandlish
-et al. 2018's S = S_min (1 + B_crit / B). Plotting lives in scaling/report_plots.py.
+on partial or still-running sweeps. The study protocol (DESIGN.md):
+- Steps to target (Shallue et al. 2018): the first evaluation whose target metric is strictly below
+  the target, and beside it the step interpolated between the two bracketing evaluations, linear in
+  log(metric) (errors fall roughly geometrically between nearby evaluations). Fits use the latter.
+- A *point* is (group, batch size, tuned setting), the setting being the trial's sweep axes other
+  than batch size, seed and the group's fields (e.g. lr_multiplier): its steps to target is the
+  median over seeds, a seed that never reached counting as infinite (so a point reaches the target
+  when at least half its seeds do). Per (group, batch size) the point with the fewest steps counts
+  (ties: the lower median final validation error); a best setting at the edge of its grid is flagged.
+- The critical batch size comes from a fit of McCandlish et al. 2018's S = S_min (1 + B_crit / B) to
+  the batch sizes that reached the target (the others are censored: shown, not fitted), with a
+  least-squares standard error and a bootstrap interval (batch sizes resampled, then seeds within
+  each, and the best setting chosen again).
+Plotting lives in scaling/report_plots.py.
 """
 import collections
 import csv
@@ -31,6 +41,11 @@ REPORT_DIR = "report"
 # 1% of one.
 EIGEN_RESIDUAL_LIMIT = 0.01
 PENDING = ("running", "preempted")
+# Sweep axes that are not tuned settings: the batch size, seeds, and what defines a group.
+NOT_TUNED = ("batch_size", "seed", "lr_rule", "lr_power", "optimizer.name", "model.name",
+             "dataset.name")
+BOOTSTRAP_REPLICATES = 1000
+INTERVAL = (2.5, 97.5)   # percentiles: a 95% bootstrap interval
 
 
 @dataclasses.dataclass
@@ -50,14 +65,26 @@ class Trial:
   status: str               # done | diverged | running | preempted ('running' if no summary.json)
   target_metric: str
   target_value: float
-  steps_to_target: int | None
+  steps_to_target: int | None        # first evaluation strictly below the target
   examples_to_target: int | None
+  steps_interpolated: float | None   # between the bracketing evaluations, linear in log(metric)
   final: dict               # metric -> value at the end (summary.json, else last logged value)
   best: dict                # 'valid/error', 'test/error' -> minimum over training
   wall_time: float
   diverged_at_step: int | None
   notes: list
+  setting: dict = dataclasses.field(default_factory=dict)   # tuned sweep axes (lr_multiplier...)
+  lr_multiplier: float = 1.0
+  stop_reason: str | None = None
+  step_cap: int | None = None
+  at_target: dict = dataclasses.field(default_factory=dict)  # B_simple, curvature, wall time
+  cost: dict = dataclasses.field(default_factory=dict)       # throughput, compile, memory
+  eval_interval: float | None = None                         # steps between evaluations
   group: str = ""           # set by load_trials: rule/optimizer (+ model/dataset where they vary)
+
+  @property
+  def setting_key(self):
+    return json.dumps(self.setting, sort_keys=True)
 
   def series(self, key):
     """(steps, examples, values) float arrays over the records that hold `key`."""
@@ -139,6 +166,38 @@ def first_below(records, metric, value, batch_size):
   return None
 
 
+def interpolated_crossing(records, metric, value):
+  """Step at which `metric` crosses `value`, linear in log(metric) between the last evaluation at
+  or above it and the first strictly below; the first evaluation's step when no earlier one exists
+  (nothing to interpolate from); None if never below."""
+  evals = [(float(r["step"]), float(r[metric])) for r in records
+           if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+  for i, (step, v) in enumerate(evals):
+    if v < value:
+      if i == 0 or v <= 0:
+        return step
+      step0, v0 = evals[i - 1]
+      return step0 + (step - step0) * math.log(v0 / value) / math.log(v0 / v)
+  return None
+
+
+def eval_interval(records, metric):
+  """Median spacing in steps between evaluations of `metric`: the steps-to-target resolution."""
+  steps = [r["step"] for r in records if isinstance(r.get(metric), (int, float))]
+  return float(np.median(np.diff(steps))) if len(steps) > 1 else None
+
+
+def _at_target(records, summary_target, steps):
+  """Summary's record at the target (train.py writes it), else the last B_simple logged by then."""
+  at = dict(summary_target.get("at") or {})
+  if "noise/b_simple" not in at and steps is not None:
+    logged = [r["noise/b_simple"] for r in records if r.get("step", math.inf) <= steps
+              and isinstance(r.get("noise/b_simple"), (int, float))]
+    if logged:
+      at["noise/b_simple"] = float(logged[-1])
+  return at
+
+
 def _load_trial(path):
   config = _read_json(os.path.join(path, "config.json"))
   if not isinstance(config, dict):
@@ -187,7 +246,14 @@ def _load_trial(path):
       seed=int(_get(config, "seed", 0)), status=status, target_metric=metric,
       target_value=value, steps_to_target=steps, examples_to_target=examples, final=final,
       best=best, wall_time=float(wall_time),
-      diverged_at_step=s.get("diverged_at_step"), notes=notes)
+      diverged_at_step=s.get("diverged_at_step"), notes=notes,
+      steps_interpolated=interpolated_crossing(records, metric, value) if steps is not None else None,
+      setting={k: v for k, v in (config.get("sweep_axes") or {}).items() if k not in NOT_TUNED},
+      lr_multiplier=float(_get(config, "lr_multiplier", 1.0)), stop_reason=s.get("stop_reason"),
+      step_cap=s.get("step_cap", _get(config, "derived.total_steps")),
+      at_target=_at_target(records, target, steps), eval_interval=eval_interval(records, metric),
+      cost={k: s.get(k) for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes",
+                                  "memory_source")})
 
 
 def find_trial_dirs(workdir):
@@ -234,7 +300,21 @@ def load_trials(workdir):
     t.group = _group_label(t, varying)
     if ids[t.trial_id] > 1:  # e.g. single-trial runs gathered under one dir all say 'trial'
       t.trial_id = os.path.relpath(t.path, workdir)
+  # Tuned settings vary within a batch size; axes zipped with it (a step cap per B) do not.
+  values = collections.defaultdict(set)
+  for t in trials:
+    for k, v in t.setting.items():
+      values[(t.group, t.batch_size, k)].add(json.dumps(v))
+  tuned = {k for (_, _, k), v in values.items() if len(v) > 1}
+  for t in trials:
+    t.setting = {k: v for k, v in t.setting.items() if k in tuned}
   return sorted(trials, key=lambda t: (t.group, t.batch_size, t.seed, t.trial_id))
+
+
+def _lstsq(b, s):
+  """(S_min, E_min) minimising the relative residuals of S = S_min + E_min / B; and the design."""
+  x = np.stack([np.ones_like(b), 1.0 / b], axis=1) / s[:, None]
+  return np.linalg.lstsq(x, np.ones_like(s), rcond=None)[0], x
 
 
 def fit_critical_batch(batch_sizes, steps):
@@ -254,8 +334,7 @@ def fit_critical_batch(batch_sizes, steps):
   if len(np.unique(b)) < 2:
     out["note"] = "needs >= 2 distinct batch sizes that reached the target"
     return out
-  x = np.stack([np.ones_like(b), 1.0 / b], axis=1) / s[:, None]
-  coef, *_ = np.linalg.lstsq(x, np.ones_like(s), rcond=None)
+  coef, x = _lstsq(b, s)
   s_min, e_min = coef  # np.float64: a zero S_min gives inf, not an exception
   dof = len(b) - 2
   resid = np.ones_like(s) - x @ coef
@@ -275,48 +354,162 @@ def fit_critical_batch(batch_sizes, steps):
   return out
 
 
+def _median(values):
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.median(values)) if values else None
+
+
+def _seed_steps(ts):
+  """Interpolated steps to target per seed; a seed that never reached counts as infinite."""
+  return np.array([t.steps_interpolated if t.steps_interpolated is not None else np.inf
+                   for t in ts], dtype=float)
+
+
+def point_steps(seed_steps):
+  """A point's steps to target: the median over its seeds (infinite unless half of them reached)."""
+  return float(np.median(seed_steps)) if len(seed_steps) else math.inf
+
+
+def edge_flags(best_setting, settings):
+  """'lr_multiplier=4 (top of 0.25..4)' for each numeric tuned axis whose best value is the
+  smallest or largest tried at this batch size: the optimum was not bracketed."""
+  flags = []
+  for key, value in best_setting.items():
+    tried = sorted({s[key] for s in settings if isinstance(s.get(key), (int, float))})
+    if len(tried) > 1 and isinstance(value, (int, float)) and value in (tried[0], tried[-1]):
+      side = "top" if value == tried[-1] else "bottom"
+      flags.append(f"{key}={value:g} ({side} of {tried[0]:g}..{tried[-1]:g})")
+  return "; ".join(flags)
+
+
+def _select_best(points):
+  """points: [(steps, final valid error, key)] -> the key with the fewest steps (finite), ties
+  broken by the lower final validation error; None if no point reached."""
+  reached = [p for p in points if np.isfinite(p[0])]
+  if not reached:
+    return None
+  return min(reached, key=lambda p: (p[0], p[1] if p[1] is not None else math.inf))[2]
+
+
 def best_per_batch(trials, tolerance=PERFECT_SCALING_TOLERANCE):
-  """One row per (group, batch size): the trial with the fewest steps to target (Shallue's rule).
+  """One row per (group, batch size): the best point over the tuned settings (Shallue's rule).
 
   outcome: 'reached'; 'pending' (none reached, some still running or preempted); 'not reached'.
+  steps_to_target: the best point's median over seeds of the interpolated steps; steps_min/max:
+  its spread over seeds; steps_first_eval: the median of the first evaluations below the target.
   examples_ratio: examples to target / those at the group's smallest batch size that reached it.
+  `_seed_steps` (setting key -> per-seed steps) feeds the bootstrap; it is not written to CSV.
   """
   rows = []
   for group in sorted({t.group for t in trials}):
     e_ref, holding = None, True
     for bs in sorted({t.batch_size for t in trials if t.group == group}):
       ts = [t for t in trials if t.group == group and t.batch_size == bs]
-      reached = sorted((t for t in ts if t.reached), key=lambda t: t.steps_to_target)
+      by_setting = collections.defaultdict(list)
+      for t in ts:
+        by_setting[t.setting_key].append(t)
+      seed_steps = {k: _seed_steps(v) for k, v in by_setting.items()}
+      best_key = _select_best([
+          (point_steps(seed_steps[k]), _median(t.final.get("valid/error") for t in v), k)
+          for k, v in by_setting.items()])
       pending = sum(t.status in PENDING for t in ts)
       row = dict(group=group, lr_rule=ts[0].lr_rule, optimizer=ts[0].optimizer, batch_size=bs,
-                 n_trials=len(ts), n_reached=len(reached),
+                 n_trials=len(ts), n_reached=sum(t.reached for t in ts),
                  n_diverged=sum(t.status == "diverged" for t in ts), n_pending=pending,
-                 outcome="reached" if reached else "pending" if pending else "not reached",
-                 best_trial=None, steps_to_target=None, examples_to_target=None,
-                 examples_ratio=None, perfect_scaling=False)
-      if reached:
-        best = reached[0]
-        e_ref = e_ref or best.examples_to_target
-        holding = holding and best.examples_to_target / e_ref <= tolerance
-        row.update(best_trial=best.trial_id, steps_to_target=best.steps_to_target,
-                   examples_to_target=best.examples_to_target,
-                   examples_ratio=best.examples_to_target / e_ref, perfect_scaling=holding)
-      holding = holding and (e_ref is None or bool(reached))
+                 n_settings=len(by_setting),
+                 outcome="reached" if best_key else "pending" if pending else "not reached",
+                 best_trial=None, best_setting=None, lr=None, lr_at_edge="", n_seeds=None,
+                 steps_to_target=None, steps_min=None, steps_max=None, steps_first_eval=None,
+                 eval_interval=_median(t.eval_interval for t in ts),
+                 examples_to_target=None, examples_ratio=None, perfect_scaling=False,
+                 b_simple_at_target=None, wall_time_to_target=None, examples_per_sec=None,
+                 compile_seconds=None, peak_memory_bytes=None, _seed_steps=seed_steps)
+      if best_key:
+        best_ts, steps = by_setting[best_key], seed_steps[best_key]
+        median = point_steps(steps)
+        e_ref = e_ref or median * bs
+        holding = holding and median * bs / e_ref <= tolerance
+        reached = [t for t in best_ts if t.reached]
+        row.update(
+            best_trial=min(reached, key=lambda t: abs(t.steps_interpolated - median)).trial_id,
+            best_setting=best_key, lr=_median(t.lr for t in best_ts), n_seeds=len(best_ts),
+            lr_at_edge=edge_flags(best_ts[0].setting, [v[0].setting for v in by_setting.values()]),
+            steps_to_target=median, steps_min=float(steps.min()), steps_max=float(steps.max()),
+            steps_first_eval=_median(t.steps_to_target for t in reached),
+            examples_to_target=median * bs, examples_ratio=median * bs / e_ref,
+            perfect_scaling=holding,
+            b_simple_at_target=_median(t.at_target.get("noise/b_simple") for t in reached),
+            wall_time_to_target=_median(t.at_target.get("wall_time") for t in reached),
+            **{k: _median(t.cost.get(k) for t in best_ts)
+               for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes")})
+      holding = holding and (e_ref is None or bool(best_key))
       rows.append(row)
   return rows
 
 
-def fit_table(best_rows):
-  """One row per group: the critical-batch fit and the largest batch size where scaling held."""
+def bootstrap_fit(seed_steps_per_batch, replicates=BOOTSTRAP_REPLICATES, seed=0):
+  """Bootstrap of the critical-batch fit: [(B, {setting: per-seed steps})] -> replicate
+  (s_min, e_min, b_crit) rows. Each replicate resamples the batch sizes, then the seeds of every
+  setting at each, and picks the best setting again (so tuning noise is inside the interval).
+  B_crit is +inf where a replicate's S_min <= 0 (still perfect scaling at the largest B) and 0
+  where E_min <= 0; replicates with < 2 distinct batch sizes that reached are dropped.
+  Vectorized over replicates: the same least squares as fit_critical_batch, by normal equations."""
+  rng = np.random.default_rng(seed)
+  n = len(seed_steps_per_batch)
+  if n < 2:
+    return np.zeros((0, 3))
+  best_RxN = np.empty((replicates, n))   # best point's steps per replicate and batch size
+  for j, (_, settings) in enumerate(seed_steps_per_batch):
+    medians = [np.median(v[rng.integers(0, len(v), (replicates, len(v)))], axis=1)
+               for v in settings.values()]
+    best_RxN[:, j] = np.min(medians, axis=0)
+  pick_RxN = rng.integers(0, n, (replicates, n))
+  b_N = np.array([bs for bs, _ in seed_steps_per_batch], dtype=float)
+  b_RxN, s_RxN = b_N[pick_RxN], np.take_along_axis(best_RxN, pick_RxN, axis=1)
+  ok_RxN = np.isfinite(s_RxN)
+  # Rows x = (1, 1/B) / S, target 1 (relative residuals); zero rows where S is infinite.
+  x0 = np.where(ok_RxN, 1.0 / np.where(ok_RxN, s_RxN, 1.0), 0.0)
+  x1 = x0 / b_RxN
+  a00, a01, a11 = (x0 * x0).sum(1), (x0 * x1).sum(1), (x1 * x1).sum(1)
+  c0, c1 = x0.sum(1), x1.sum(1)
+  det = a00 * a11 - a01 ** 2
+  distinct = np.array([len(set(b[ok])) for b, ok in zip(b_RxN, ok_RxN)])
+  keep = (distinct >= 2) & (det > 0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    s_min = (a11 * c0 - a01 * c1) / det
+    e_min = (a00 * c1 - a01 * c0) / det
+    b_crit = np.where(s_min <= 0, np.inf, np.where(e_min <= 0, 0.0, e_min / s_min))
+  return np.stack([s_min, e_min, b_crit], axis=1)[keep]
+
+
+def fit_table(best_rows, replicates=BOOTSTRAP_REPLICATES):
+  """One row per group: the critical-batch fit to the batch sizes that reached the target (the
+  rest censored), its bootstrap interval, and B_simple at the target for comparison."""
   rows = []
   for group in sorted({r["group"] for r in best_rows}):
     g = [r for r in best_rows if r["group"] == group]
-    pts = [(r["batch_size"], r["steps_to_target"]) for r in g if r["outcome"] == "reached"]
-    fit = fit_critical_batch(*zip(*pts)) if pts else fit_critical_batch([], [])
+    used = [r for r in g if r["outcome"] == "reached"]
+    fit = fit_critical_batch([r["batch_size"] for r in used], [r["steps_to_target"] for r in used])
+    boot = bootstrap_fit([(r["batch_size"], r["_seed_steps"]) for r in used], replicates)
+    for i, name in enumerate(("s_min", "e_min", "b_crit")):
+      # "nearest": replicates may hold B_crit = inf, which interpolation would turn into NaN.
+      lo, hi = (np.percentile(boot[:, i], INTERVAL, method="nearest") if len(boot)
+                else (math.nan, math.nan))
+      fit[f"{name}_lo"], fit[f"{name}_hi"] = float(lo), float(hi)
     held = [r["batch_size"] for r in g if r["perfect_scaling"]]
-    rows.append(dict(group=group, lr_rule=g[0]["lr_rule"], optimizer=g[0]["optimizer"], **fit,
-                     perfect_scaling_up_to=max(held) if held else None,
-                     largest_batch_reached=max((b for b, _ in pts), default=None)))
+    b_simple = [r["b_simple_at_target"] for r in used if r["b_simple_at_target"] is not None]
+    rows.append(dict(
+        group=group, lr_rule=g[0]["lr_rule"], optimizer=g[0]["optimizer"], **fit,
+        bootstrap_replicates=len(boot),
+        b_simple_at_target=float(np.median(b_simple)) if b_simple else None,
+        b_simple_at_target_min=min(b_simple, default=None),
+        b_simple_at_target_max=max(b_simple, default=None),
+        fitted_batch_sizes=" ".join(str(r["batch_size"]) for r in used),
+        censored_batch_sizes=" ".join(str(r["batch_size"]) for r in g if r["outcome"] != "reached"),
+        lr_at_edge=" ".join(str(r["batch_size"]) for r in used if r["lr_at_edge"]),
+        perfect_scaling_up_to=max(held) if held else None,
+        largest_batch_reached=max((r["batch_size"] for r in used), default=None),
+        _boot=boot))
   return rows
 
 
@@ -329,9 +522,11 @@ def trial_table(trials):
     rows.append({
         "trial_id": t.trial_id, "group": t.group, "batch_size": t.batch_size,
         "lr_rule": t.lr_rule, "optimizer": t.optimizer, "base_lr": t.base_lr, "lr": t.lr,
-        "seed": t.seed, "status": t.status, "step": t.last_step,
+        "lr_multiplier": t.lr_multiplier, "seed": t.seed, "status": t.status,
+        "stop_reason": t.stop_reason, "step": t.last_step, "step_cap": t.step_cap,
         "diverged_at_step": t.diverged_at_step, "target": f"{t.target_metric}<{t.target_value:g}",
-        "steps_to_target": t.steps_to_target, "examples_to_target": t.examples_to_target,
+        "steps_to_target": t.steps_to_target, "steps_interpolated": t.steps_interpolated,
+        "eval_interval": t.eval_interval, "examples_to_target": t.examples_to_target,
         "best_valid_error": t.best.get("valid/error"), "best_test_error": t.best.get("test/error"),
         "final_valid_error": f.get("valid/error"), "final_test_error": f.get("test/error"),
         "final_train_loss": f.get("train/loss"), "final_train_eval_error": f.get("train_eval/error"),
@@ -339,8 +534,20 @@ def trial_table(trials):
         "top_eigenvalue": f.get("curvature/top_eigenvalue"), "sharpness": f.get("curvature/sharpness"),
         "b_simple_final": f.get("noise/b_simple"),
         "b_simple_median": float(np.median(b_simple)) if len(b_simple) else None,
-        "wall_time_s": t.wall_time})
+        "b_simple_at_target": t.at_target.get("noise/b_simple"),
+        "b_simple_window_examples": _ema_window_examples(t),
+        "top_eigenvalue_at_target": t.at_target.get("curvature/top_eigenvalue"),
+        "hessian_trace_at_target": t.at_target.get("curvature/hessian_trace"),
+        "wall_time_s": t.wall_time, "wall_time_to_target_s": t.at_target.get("wall_time"),
+        **{k: t.cost.get(k) for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes",
+                                      "memory_source")}})
   return rows
+
+
+def _ema_window_examples(t):
+  """The noise-scale EMA averages over ~1/(1 - decay) steps: that many batches of examples."""
+  decay = _get(t.config, "noise_scale.ema_decay")
+  return t.batch_size / (1 - decay) if isinstance(decay, (int, float)) and decay < 1 else None
 
 
 def unconverged_eigenvalues(trial) -> list[str]:
@@ -357,7 +564,7 @@ def unconverged_eigenvalues(trial) -> list[str]:
 
 
 def write_csv(path, rows):
-  cols = list(dict.fromkeys(k for r in rows for k in r))
+  cols = list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols)
     w.writeheader()
@@ -375,11 +582,23 @@ def _fmt(v):
 def _html_table(rows, cols=None):
   if not rows:
     return "<p>(none)</p>"
-  cols = cols or list(dict.fromkeys(k for r in rows for k in r))
+  cols = cols or list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
   head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
   body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>"
                  for r in rows)
   return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _interval(fit, name):
+  lo, hi = fit[f"{name}_lo"], fit[f"{name}_hi"]
+  return "–" if math.isnan(lo) else f"[{lo:.4g}, {hi:.4g}]"
+
+
+def _b_simple_range(fit):
+  if fit["b_simple_at_target"] is None:
+    return "–"
+  return (f"{fit['b_simple_at_target']:.4g} [{fit['b_simple_at_target_min']:.3g}, "
+          f"{fit['b_simple_at_target_max']:.3g}]")
 
 
 def _pm(v, err):
@@ -398,9 +617,19 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
             **collections.Counter(t.status for t in trials)}
   tgt = ", ".join(sorted({f"{t.target_metric} < {t.target_value:g}" for t in trials})) or "?"
   key = [dict(group=f["group"], b_crit=_pm(f["b_crit"], f["b_crit_err"]),
-              s_min=_pm(f["s_min"], f["s_min_err"]), e_min=_pm(f["e_min"], f["e_min_err"]),
-              points=f["n_points"], perfect_scaling_up_to=f["perfect_scaling_up_to"],
+              b_crit_95=_interval(f, "b_crit"), b_simple_at_target=_b_simple_range(f),
+              s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95=_interval(f, "s_min"),
+              e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95=_interval(f, "e_min"),
+              fitted_batch_sizes=f["fitted_batch_sizes"],
+              censored_batch_sizes=f["censored_batch_sizes"] or "none",
+              best_lr_at_grid_edge=f["lr_at_edge"] or "none",
+              perfect_scaling_up_to=f["perfect_scaling_up_to"],
               largest_batch_reached=f["largest_batch_reached"], note=f["note"]) for f in fits]
+  stops = collections.Counter(t.stop_reason or t.status for t in trials)
+  caps = sorted({(t.batch_size, t.step_cap) for t in trials if t.step_cap})
+  resolution = sorted({(t.batch_size, t.eval_interval) for t in trials if t.eval_interval})
+  windows = sorted({(t.batch_size, _ema_window_examples(t)) for t in trials
+                    if _ema_window_examples(t)})
   sweep = _read_json(os.path.join(workdir, "sweep.json"))
   varying = varying_fields(trials)
   common = {k: v for k, v in (_flatten(trials[0].config) if trials else {}).items()
@@ -409,11 +638,26 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   parts = [
       f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {h(workdir)}</title>"
       f"<style>{_CSS}</style></head><body><h1>Scaling report: {h(os.path.abspath(workdir))}</h1>",
-      f"<p>{len(trials)} trials. Target: {h(tgt)}; steps to target = the first evaluation "
-      "strictly below it (Shallue et al. 2018), best trial per batch size and group.</p>",
+      f"<p>{len(trials)} trials. Target: {h(tgt)}. Steps to target: the step where the target "
+      "metric crosses the target, interpolated linearly in log(metric) between the last evaluation "
+      "above it and the first strictly below (Shallue et al. 2018 use the latter: "
+      "<i>steps_first_eval</i>); resolution = the evaluation interval per batch size (steps): "
+      f"{h(', '.join(f'B={b}: {i:g}' for b, i in resolution) or '?')}. A point (batch size, tuned "
+      "setting) takes the median over its seeds (a seed that never reached counts as infinite); "
+      "per batch size the best point counts (fewest steps, ties by final validation error).</p>"
+      f"<p>Why trials stopped: {h(', '.join(f'{k}: {v}' for k, v in sorted(stops.items())))}. "
+      f"Step caps: {h(', '.join(f'B={b}: {c}' for b, c in caps) or '?')}.</p>",
       "<h2>Key numbers</h2><p>B_crit, S_min, E_min: least-squares fit of S = S_min (1 + B_crit/B)"
-      " (McCandlish et al. 2018) to the best steps to target per batch size; E_min = S_min B_crit;"
-      " &plusmn; one standard error. <i>perfect_scaling_up_to</i>: the largest batch size up to "
+      " (McCandlish et al. 2018) to the best steps to target at the <i>fitted</i> batch sizes (the"
+      " censored ones never reached the target and are left out); E_min = S_min B_crit;"
+      " &plusmn; one standard error, and a 95% bootstrap interval (batch sizes resampled, seeds "
+      "resampled within each, best setting chosen again; B_crit = inf where a replicate still "
+      "scales perfectly at the largest B). <i>b_simple_at_target</i>: the gradient noise scale "
+      "B_simple = tr(Σ)/|G|² when each best trial first reached the target (equal loss), median "
+      "[min, max] over batch sizes; McCandlish et al. predict B_crit ≈ B_noise. Its EMA averages "
+      "over ~1/(1-decay) steps = "
+      f"{h(', '.join(f'B={b}: {w:.3g}' for b, w in windows[:1] + windows[-1:]) or '?')} examples."
+      " <i>perfect_scaling_up_to</i>: the largest batch size up to "
       f"which every batch size reached the target with examples to target within {tol:g}x those "
       f"at the group's smallest batch size, i.e. steps within {100 * (tol - 1):.0f}% of the "
       "perfect-scaling line.</p>", _html_table(key),

@@ -3,9 +3,13 @@
 The scaling rule is the object of study, so it lives here in the open and every derived number
 (peak LR, warmup steps, total steps) is returned to the caller to be written into config.json:
 
-    lr = base_lr * (batch_size / reference_batch_size) ** power
+    lr = base_lr * (batch_size / reference_batch_size) ** power * lr_multiplier
 
-with power 0 (`none`), 0.5 (`sqrt`), 1 (`linear`) or `lr_power` (`power`).
+with power 0 (`none`), 0.5 (`sqrt`), 1 (`linear`) or `lr_power` (`power`). `lr_multiplier`
+(default 1) tunes the learning rate around the rule: a sweep axis
+`sweep.lr_multiplier = (0.25, 0.5, 1, 2, 4)` is a learning-rate grid that moves with the batch size
+(Shallue et al. 2018; McCandlish et al. 2018 tune the LR at every batch size), and the report takes
+the best trial per batch size over it.
 """
 import dataclasses
 import math
@@ -47,8 +51,10 @@ def to_steps(length: float, unit: str, batch_size: int, train_examples: int, fie
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Everything a trial derives from its config once, recorded in config.json under `derived`."""
-  lr: float                # peak learning rate after the scaling rule
+  lr: float                # peak learning rate: the scaling rule's, times lr_multiplier
   lr_power: float
+  rule_lr: float           # the scaling rule's learning rate before the multiplier
+  lr_multiplier: float
   warmup_steps: int
   total_steps: int
   steps_per_epoch: int
@@ -65,19 +71,25 @@ def make_plan(config, train_examples: int) -> Plan:
     raise ConfigError(f"batch_size={bs} is larger than the {train_examples} training examples:"
                       " lower batch_size or dataset.validation_size")
   power = rule_power(config.lr_rule, config.lr_power)
+  if not config.lr_multiplier > 0:
+    raise ConfigError(f"lr_multiplier={config.lr_multiplier} must be > 0: it multiplies the rule's"
+                      " learning rate (use e.g. sweep.lr_multiplier=(0.5, 1.0, 2.0))")
   steps = lambda d, field: to_steps(d.length, d.unit, bs, train_examples, field)
   total = steps(config.budget, "budget")
   if total <= 0:
     raise ConfigError(f"budget.length={config.budget.length} gives no steps: use a positive budget")
   warmup = steps(config.warmup, "warmup")
   if warmup > total:
-    raise ConfigError(f"warmup ({warmup} steps) is longer than the run ({total} steps):"
-                      " shorten warmup.length or lengthen budget.length")
+    raise ConfigError(f"warmup ({warmup} steps) is longer than the run ({total} steps, the step cap"
+                      " when target.stop_at_target): shorten warmup.length or lengthen budget.length")
   if config.decay.name not in DECAYS:
     raise ConfigError(f"decay.name={config.decay.name!r} is unknown: use one of {DECAYS}")
+  rule_lr = scaled_lr(config.base_lr, bs, config.reference_batch_size, power)
   return Plan(
-      lr=scaled_lr(config.base_lr, bs, config.reference_batch_size, power),
+      lr=rule_lr * config.lr_multiplier,
       lr_power=power,
+      rule_lr=rule_lr,
+      lr_multiplier=float(config.lr_multiplier),
       warmup_steps=warmup,
       total_steps=total,
       steps_per_epoch=train_examples // bs,

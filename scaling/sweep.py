@@ -149,10 +149,11 @@ class TrialLock:
     self._file.close()
 
 
-CSV_COLUMNS = ("index", "id", "batch_size", "lr_rule", "base_lr", "lr", "seed", "optimizer",
-               "status", "steps_to_target", "examples_to_target", "best_valid_error",
-               "final_valid_error", "best_test_error", "final_test_error", "final_train_loss",
-               "wall_time")
+CSV_COLUMNS = ("index", "id", "batch_size", "lr_rule", "base_lr", "lr_multiplier", "lr", "seed",
+               "optimizer", "status", "stop_reason", "step", "step_cap", "steps_to_target",
+               "examples_to_target", "best_valid_error", "final_valid_error", "best_test_error",
+               "final_test_error", "final_train_loss", "wall_time", "wall_time_to_target",
+               "examples_per_sec", "compile_seconds", "peak_memory_bytes")
 
 
 def csv_row(trial: Trial, plan: schedule.Plan, summary: dict | None) -> dict:
@@ -160,8 +161,12 @@ def csv_row(trial: Trial, plan: schedule.Plan, summary: dict | None) -> dict:
   final, best, target = s.get("final", {}), s.get("best", {}), s.get("target", {})
   return {
       "index": trial.index, "id": trial.id, "batch_size": c.batch_size, "lr_rule": c.lr_rule,
-      "base_lr": c.base_lr, "lr": plan.lr, "seed": c.seed, "optimizer": c.optimizer.name,
-      "status": s.get("status", "pending"), "steps_to_target": target.get("step"),
+      "base_lr": c.base_lr, "lr_multiplier": c.lr_multiplier, "lr": plan.lr, "seed": c.seed,
+      "optimizer": c.optimizer.name, "status": s.get("status", "pending"),
+      **{k: s.get(k) for k in ("stop_reason", "step", "step_cap", "examples_per_sec",
+                               "compile_seconds", "peak_memory_bytes")},
+      "wall_time_to_target": target.get("at", {}).get("wall_time"),
+      "steps_to_target": target.get("step"),
       "examples_to_target": target.get("examples"),
       "best_valid_error": best.get("valid/error"), "final_valid_error": final.get("valid/error"),
       "best_test_error": best.get("test/error"), "final_test_error": final.get("test/error"),

@@ -21,6 +21,7 @@ import numpy as np
 
 from scaling import checkpoint, curvature, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
+from scaling import resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 
@@ -211,12 +212,14 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
       augment_key=jax.random.PRNGKey(config.seed + 2_000_003),
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
-  chunk_fn = jax.jit(
+  chunk_fn = resources.ChunkCost(jax.jit(
       functools.partial(train_chunk, num_examples=len(splits.train_labels),
                         batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
                         gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
                         shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
-      static_argnames="num_steps", donate_argnames="state")
+      static_argnames="num_steps", donate_argnames="state"),
+      book.setdefault("resources", {}), config.batch_size)
+  book["step_cap"] = plan.total_steps
   eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
                                       pixel_scale=splits.pixel_scale))
   data_key = jax.random.PRNGKey(config.seed + 1_000_003)
@@ -287,7 +290,8 @@ def new_bookkeeping(config) -> dict:
   return {
       "status": "running", "elapsed": 0.0, "diverged_at_step": None,
       "target": {"metric": config.target.metric, "value": config.target.value,
-                 "reached": False, "step": None, "examples": None},
+                 "reached": False, "step": None, "examples": None,
+                 "stop_at_target": config.target.stop_at_target},
       "best": {}, "last_eval": {}, "last_train": {}, "curvature": {}, "last_curvature_step": 0,
       "last_checkpoint_step": 0,
       # Running sums of the train metrics since the last log record.
@@ -356,10 +360,15 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
-def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int) -> dict:
+def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int,
+             cost: resources.ChunkCost) -> dict:
   tokens = {"tokens": step * batch_size * tokens_per_example} if tokens_per_example else {}
+  target = book["target"]
   return {
       "status": book["status"], "step": step, "examples": step * batch_size, **tokens,
+      "step_cap": book["step_cap"], **cost.summary(),
+      "stop_reason": resources.stop_reason(book["status"], target["reached"],
+                                           target.get("stop_at_target", False)),
       "wall_time": book["elapsed"], "diverged_at_step": book["diverged_at_step"],
       "target": book["target"], "final": {**book["last_train"], **book["last_eval"]}, "best": book["best"],
       "noise": _noise_metrics(book["noise"]), "curvature": book["curvature"],
@@ -367,7 +376,8 @@ def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int) ->
 
 
 def _record_eval(book: dict, step: int, batch_size: int, results: dict,
-                 tokens_per_example: int) -> None:
+                 tokens_per_example: int) -> bool:
+  """Folds an evaluation into the bookkeeping; True when it is the first to reach the target."""
   book["last_eval"] = dict(results)
   for key in ("valid/error", "test/error", "valid/bpc", "test/bpc"):
     if key in results:
@@ -378,6 +388,8 @@ def _record_eval(book: dict, step: int, batch_size: int, results: dict,
     target.update(reached=True, step=step, examples=step * batch_size)
     if tokens_per_example:
       target["tokens"] = step * batch_size * tokens_per_example
+    return True
+  return False
 
 
 def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
@@ -411,8 +423,9 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
         chunks.append(metrics_K)
       metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
       n = segment_end - step
-      rate = writer.progress(segment_end, n, time.perf_counter() - started,
-                             float(np.mean(metrics_K["train/loss"])))
+      seconds = time.perf_counter() - started
+      chunk_fn.segment_done(n, seconds)
+      rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
       bad = np.flatnonzero(~np.isfinite(metrics_K["train/loss"]))
       count = int(bad[0]) + 1 if bad.size else n
       _log_train(writer, book, metrics_K, step, count, diverged=bool(bad.size),
@@ -425,24 +438,28 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
       if step % plan.eval_every_steps == 0 or step == plan.total_steps:
         results = evaluate(state)
         writer.write(step, results)
-        _record_eval(book, step, B, results, T)
+        newly_reached = _record_eval(book, step, B, results, T)
+        if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
+          book["target"]["at"] = {"wall_time": writer.elapsed(), **_noise_metrics(book["noise"])}
         if config.target.stop_at_target and book["target"]["reached"]:
           book["status"] = "done"
         finishing = step == plan.total_steps or book["status"] == "done"
-        if measure_curvature and (finishing or _crossed(step, book["last_curvature_step"],
-                                                        config.curvature.every_steps)):
+        if measure_curvature and (finishing or newly_reached or _crossed(
+            step, book["last_curvature_step"], config.curvature.every_steps)):
           results = measure_curvature(state, step, step_seconds=B / rate,
                                       density=finishing and config.curvature.density)
           density = results.pop("curvature/density", None)
           if density and jax.process_index() == 0:
             np.savez(os.path.join(workdir, f"density_{step}.npz"), **density)
           book["curvature"], book["last_curvature_step"] = results, step
+          if newly_reached:
+            book["target"]["at"].update(results)
           writer.write(step, results)
         if _crossed(step, book["last_checkpoint_step"], checkpoint_every):
           save(state, step)
         book["elapsed"] = writer.elapsed()
         writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-        write_json(summary_path, _summary(book, step, B, T))
+        write_json(summary_path, _summary(book, step, B, T, chunk_fn))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
           and step < plan.total_steps):
@@ -455,7 +472,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     ckpts.wait()
     book["elapsed"] = writer.elapsed()
     writer.close()
-    summary = _summary(book, step, B, T)
+    summary = _summary(book, step, B, T, chunk_fn)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
     raise Preempted(128 + (stop.signal or signal.SIGTERM))

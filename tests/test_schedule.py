@@ -1,4 +1,6 @@
 """LR scaling rules, warmup/decay arithmetic and budgets, against hand-computed numbers."""
+import os
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,51 @@ def test_bad_schedules_name_the_field(overrides, field):
   with pytest.raises(ConfigError, match=None) as error:
     schedule.make_plan(config(**overrides), 55_000)
   assert field in str(error.value) and "\n" not in str(error.value)
+
+
+def test_lr_multiplier_scales_the_rule_and_is_recorded():
+  plan = schedule.make_plan(config(lr_rule="sqrt", base_lr=0.1, batch_size=512,
+                                   reference_batch_size=128, lr_multiplier=0.25), 55_000)
+  assert plan.rule_lr == pytest.approx(0.2) and plan.lr == pytest.approx(0.05)
+  assert plan.lr_multiplier == 0.25
+
+
+@pytest.mark.parametrize("multiplier", [0.0, -1.0])
+def test_nonpositive_lr_multiplier_is_a_config_error(multiplier):
+  with pytest.raises(ConfigError, match=r"^lr_multiplier=.* must be > 0"):
+    schedule.make_plan(config(lr_multiplier=multiplier), 55_000)
+
+
+def test_step_cap_shorter_than_warmup_is_a_config_error():
+  c = config(batch_size=128)
+  c.target.stop_at_target = True
+  c.budget.unit, c.budget.length = "steps", 10.0
+  c.warmup.unit, c.warmup.length = "steps", 20.0
+  with pytest.raises(ConfigError, match=r"warmup \(20 steps\) is longer than the run \(10 steps"):
+    schedule.make_plan(c, 55_000)
+
+
+@pytest.mark.parametrize("axis", ["lr_multiplier", "seed"])
+def test_an_axis_that_expands_to_zero_trials_is_a_config_error(axis, tmp_path):
+  import ml_collections
+  from scaling import sweep
+  c = config()
+  c.sweep = ml_collections.ConfigDict({"batch_size": (64, 128), axis: ()})
+  with pytest.raises(ConfigError, match=f"sweep.{axis} is an empty axis"):
+    sweep.expand(c, str(tmp_path))
+
+
+def test_bad_lr_grid_fails_in_the_cli_before_training(tmp_path):
+  """One line, no traceback, no trial directory: the sweep is validated before any training."""
+  import subprocess
+  import sys
+  repo = __file__.rsplit("/tests/", 1)[0]
+  result = subprocess.run(
+      [sys.executable, "-m", "scaling.main", "--config=configs/mnist_sweep_tiny.py",
+       f"--workdir={tmp_path}", "--config.sweep.lr_multiplier=(1.0, -2.0)",
+       "--config.num_devices=1"],
+      cwd=repo, capture_output=True, text=True)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("config error: trial ") and "lr_multiplier=-2.0 must be > 0" in last
+  assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(tmp_path, "trials"))
