@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scaling import sharding, step as steplib
+from scaling import curvature, sharding, step as steplib
 from scaling.models import MLP, SimpleCNN, parameter_count
 
 
@@ -105,7 +105,8 @@ def bench(name, model, batch_size, groups, scan_steps, repeats):
   grad = jax.grad(loss)
 
   def stats(grads_per_group):
-    return steplib._mean(grads_per_group), sum(map(steplib.global_norm_sq, grads_per_group)) / groups
+    mean = jax.tree.map(lambda *gs: sum(gs) / groups, *grads_per_group)
+    return mean, sum(map(curvature.sq_norm, grads_per_group)) / groups
 
   def stacked_stats(g_G, mean_over_axis):
     """Stacked [G, ...] group gradients -> the same two statistics. `g.mean(0)` is the obvious
@@ -153,7 +154,8 @@ def bench(name, model, batch_size, groups, scan_steps, repeats):
   results = {}
   for g in (1, groups):
     fn = functools.partial(steplib.train_step, apply_fn=model.apply, optimizer=optimizer,
-                           lr_fn=optax.constant_schedule(0.01), groups=g, mesh=mesh,
+                           lr_fn=optax.constant_schedule(0.01), mesh=mesh,
+                           microbatching=steplib.plan_microbatches(len(y_B), g, 1, 1),
                            axis=sharding.DATA)
     compiled, compile_s = compile_(fn, state, x, y)
     results[g] = seconds_per_call(compiled, (state, x, y), repeats)

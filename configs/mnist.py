@@ -37,6 +37,10 @@ def get_config():
       final_fraction=0.0, boundaries=(0.5, 0.75), factor=0.1))
   c.budget = ml_collections.ConfigDict(dict(length=3.0, unit="epochs"))
 
+  # Random crops of the image padded by crop_padding pixels, left-right flips: on the device,
+  # inside the jitted step, from (seed, step). Off for digits (a flipped digit is another symbol).
+  c.augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False))
+
   c.target = ml_collections.ConfigDict(dict(metric="valid/error", value=0.01, stop_at_target=False))
   # Diverged = a non-finite training loss, or one above loss_multiple x the first step's loss
   # (0 = only non-finite). 100: the initial cross-entropy is ~ln(classes) = 2.3, so 230 means
@@ -50,7 +54,11 @@ def get_config():
   c.log_every_steps = 50
 
   c.num_devices = 0           # 0 = every visible device
-  c.grad_groups = 8           # G groups of B/G: the noise scale's small batch; BN statistics per group
+  # The noise scale's small batch is B/G with G = grad_groups rounded up to a multiple of the
+  # device count (and of accumulation_steps): config.json's derived.microbatching has the G used.
+  # The CNN/MLP's BN statistics are per group of B/G; the ResNet's per model.ghost_batch_size.
+  c.grad_groups = 8
+  c.accumulation_steps = 1    # K > 1: the groups run as K sequential steps (memory / K, slower on CPU)
   c.chunk_steps = 4           # training steps per dispatch (one lax.scan)
   c.chunk_unroll = True       # unroll it: XLA:CPU runs convolutions in loops ~10x slower
 

@@ -37,6 +37,8 @@ Public API
       -> Sharpness(sharpness, loss, max_loss)
   epsilon_sharpness_lbfgsb(loss_fn, params, *, eps=1e-3, max_iter=10) -> Sharpness   (host, scipy)
   group_grad_stats(grads_GxP) -> (mean_grad pytree, g_small_sq, g_big_sq)
+  finish_group_grad_stats(grad_sum, sq_norm_sum, num_groups) -> the same, from sums (train step)
+  sq_norm(pytree) -> float32 scalar                                   elementwise, full precision
   noise_scale_estimates(g_small_sq, g_big_sq, b_small, b_big) -> (g_sq, trace_sigma)
   noise_scale_init(dtype=float32) -> NoiseScaleEMA
   noise_scale_update(state, g_small_sq, g_big_sq, b_small, b_big, decay=0.99) -> NoiseScaleEMA
@@ -385,15 +387,29 @@ def epsilon_sharpness_lbfgsb(loss_fn: LossFn, params: Pytree, *, eps: float = 1e
 
 # ---------------------------------------------------------------- gradient noise scale
 
+def sq_norm(tree: Pytree) -> jax.Array:
+  """Squared norm of a pytree in full float32 (or wider) precision on every backend: elementwise
+  square and sum, never a dot product (TF32 on recent GPUs, bf16 passes on TPUs by default); the
+  |G|^2 estimator is a difference of nearly equal squared norms (condition number up to 1e5)."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+             for x in jax.tree.leaves(tree))
+
+
+def finish_group_grad_stats(grad_sum: Pytree, sq_norm_sum, num_groups: int):
+  """(sum of G group gradients, sum of their squared norms, G) -> (mean gradient over all B
+  examples, |G_small|^2 averaged over the groups, |G_big|^2 of the mean). The training step
+  calls it with the sums accumulated over microbatches and all-reduced over devices."""
+  mean_grad = jax.tree.map(lambda g: g / num_groups, grad_sum)
+  return mean_grad, sq_norm_sum / num_groups, sq_norm(mean_grad)
+
+
 def group_grad_stats(grads_GxP: Pytree):
   """Per-group gradients (leaves [G, ...], each its group's mean gradient over B/G examples) ->
   (mean gradient over all B examples, |G_small|^2 averaged over the G groups, |G_big|^2)."""
-  leaves = jax.tree.leaves(grads_GxP)
-  num_groups = leaves[0].shape[0]
-  mean_grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_GxP)
-  g_small_sq = sum(jnp.sum(jnp.square(g)) for g in leaves) / num_groups
-  g_big_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(mean_grad))
-  return mean_grad, g_small_sq, g_big_sq
+  num_groups = jax.tree.leaves(grads_GxP)[0].shape[0]
+  grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads_GxP)
+  # The squared norm of the stacked tree is the sum of the G group norms.
+  return finish_group_grad_stats(grad_sum, sq_norm(grads_GxP), num_groups)
 
 
 def noise_scale_estimates(g_small_sq, g_big_sq, b_small, b_big):

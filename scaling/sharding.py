@@ -54,6 +54,18 @@ def put_eval(tree, mesh: Mesh):
   return _put(tree, NamedSharding(mesh, P(None, DATA)))
 
 
+def data_parallel(local_fn, mesh: Mesh, axis: str = DATA, *, num_replicated: int):
+  """shard_map of local_fn(*replicated, *batch_split) -> replicated outputs. The first
+  `num_replicated` arguments are replicated, the rest split on their leading axis over `axis`.
+  check_vma=False: local_fn all-reduces its results itself (psum/pmean), once, explicitly."""
+
+  def wrapped(*args):
+    in_specs = tuple(P() if i < num_replicated else P(axis) for i in range(len(args)))
+    return jax.shard_map(local_fn, mesh=mesh, in_specs=in_specs, out_specs=P(),
+                         check_vma=False)(*args)
+  return wrapped
+
+
 def constrain_batch(x, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
 

@@ -1,18 +1,30 @@
 """TrainState and the pure training/evaluation steps.
 
 Data parallelism is explicit: `jax.shard_map` over the mesh's `data` axis, each device taking its
-slice of the global batch of B examples. A device splits its slice into microbatches, so the batch
-is G = grad_groups groups of b = B/G examples; each group's gradient is computed on its own and the
-update uses their mean (all-reduced over devices), which equals the full-batch gradient. The group
-gradients are the two batch sizes of McCandlish et al.'s gradient noise scale (b and B), so it
-comes for free. BatchNorm statistics are per group of b examples (ghost batch norm), exactly what
-gradient accumulation over microbatches implies; G is a config field, not the device count, so a
-run gives the same numbers on 1 or on 8 devices.
+slice of L = B / devices examples of the global batch of B. A device cuts its slice into M
+microbatches of b examples; each microbatch's gradient is computed on its own and the update uses
+their mean (summed over microbatches and devices), which equals the full-batch gradient.
 
-Microbatches run as an unrolled Python loop, not lax.map/vmap: XLA:CPU runs convolutions inside
-loops ~10x slower, and vmapped kernel gradients become grouped convolutions, ~5x slower (measured
-on the simple CNN, batch 128, in benchmarks/bench_step.py).
+Microbatches serve two ends (`plan_microbatches`):
+- Noise scale. The microbatches are the G = M * devices groups of McCandlish et al.'s two batch
+  sizes, b = B / G and B. G is `grad_groups` rounded up to a multiple of the device count (and of
+  `accumulation_steps`), so any config runs on 1, 2, 4 or 8 devices; the G in use is recorded in
+  config.json's `derived.microbatching`. The estimators of |G|^2 and tr(Sigma) are unbiased for
+  any b < B: the device count changes only their variance, not what they estimate.
+- Memory. `accumulation_steps` K > 1 runs the M microbatches as K sequential steps of a
+  `lax.scan` (M / K unrolled microbatches per step) carrying the running gradient sum and the sum
+  of microbatch squared norms, so peak memory is that of B / (devices * K) examples, not of L.
+
+BatchNorm statistics never span microbatches (nor devices): the CNN/MLP normalise over each
+microbatch of b examples; the ResNet over ghost batches of `model.ghost_batch_size` inside each
+microbatch, a size fixed by the config whatever the batch size, groups, K or device count.
+
+Microbatches run as an unrolled Python loop when K = 1, not lax.map/vmap: XLA:CPU runs
+convolutions inside loops ~10x slower, and vmapped kernel gradients become grouped convolutions,
+~5x slower (measured on the simple CNN, batch 128, in benchmarks/bench_step.py). K > 1 trades that
+speed (on CPU, for conv nets) for memory; dense models lose nothing in the loop.
 """
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -21,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling import curvature, sharding
 from scaling.config import ConfigError
 
 
@@ -64,11 +77,67 @@ def cross_entropy_B(logits_BxC, labels_B):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
 
 
-def global_norm_sq(tree):
-  return sum(jnp.vdot(x, x) for x in jax.tree.leaves(tree))
+@dataclasses.dataclass(frozen=True)
+class Microbatching:
+  """How each device's share of the global batch is cut (see the module docstring)."""
+  per_device_batch: int     # L = B / devices
+  microbatches: int         # M per device, all of b examples
+  accumulation_steps: int   # K sequential steps, M / K microbatches each
+  groups: int               # G = M * devices: the noise scale's groups of b examples
+  microbatch_size: int      # b = B / G: the noise scale's small batch
 
 
-def _group_loss(apply_fn, params, batch_stats, images_bxX, labels_b):
+def plan_microbatches(batch_size: int, grad_groups: int, accumulation_steps: int,
+                      num_devices: int) -> Microbatching:
+  """Config fields -> Microbatching; a ConfigError naming the field when they do not fit."""
+  if grad_groups < 1:
+    raise ConfigError(f"grad_groups={grad_groups} must be >= 1 (1 = no noise-scale groups)")
+  if accumulation_steps < 1:
+    raise ConfigError(f"accumulation_steps={accumulation_steps} must be >= 1 (1 = no accumulation)")
+  if batch_size % num_devices:
+    raise ConfigError(f"batch_size={batch_size} is not divisible by the {num_devices}"
+                      f" devices: use a multiple of {num_devices}")
+  per_device = batch_size // num_devices
+  if per_device % accumulation_steps:
+    raise ConfigError(f"accumulation_steps={accumulation_steps} does not divide the per-device"
+                      f" batch of {per_device} (batch_size={batch_size} / {num_devices} devices): use a"
+                      f" divisor of {per_device}")
+  per_device_groups = -(-grad_groups // num_devices)
+  microbatches = -(-per_device_groups // accumulation_steps) * accumulation_steps
+  if per_device % microbatches:
+    raise ConfigError(
+        f"grad_groups={grad_groups} needs {microbatches} microbatches per device (rounded up to a"
+        f" multiple of the {num_devices} devices and of accumulation_steps={accumulation_steps}),"
+        f" which do not divide the per-device batch of {per_device}: use a batch_size that is a"
+        f" multiple of {microbatches * num_devices}, or fewer grad_groups")
+  return Microbatching(per_device_batch=per_device, microbatches=microbatches,
+                       accumulation_steps=accumulation_steps, groups=microbatches * num_devices,
+                       microbatch_size=per_device // microbatches)
+
+
+def augment_images(key, images_BxHxWxC, *, crop_padding: int, flip: bool):
+  """Random crops from the image zero-padded by `crop_padding` pixels, and left-right flips.
+
+  A pure function of (key, images): the caller folds the step into the key, so a resumed run
+  draws the same augmentations. Random bits come from the global batch's shape (threefry is
+  partitionable), so they do not depend on the device count either.
+  """
+  x = images_BxHxWxC
+  b, h, w, _ = x.shape
+  crop_key, flip_key = jax.random.split(key)
+  if crop_padding:
+    p = crop_padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets_Bx2 = jax.random.randint(crop_key, (b, 2), 0, 2 * p + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    x = jax.vmap(crop)(padded, offsets_Bx2)
+  if flip:
+    flip_B = jax.random.bernoulli(flip_key, 0.5, (b,))
+    x = jnp.where(flip_B[:, None, None, None], x[:, :, ::-1], x)
+  return x
+
+
+def _microbatch_loss(apply_fn, params, batch_stats, images_bxX, labels_b):
   logits_bxC, updated = apply_fn({"params": params, "batch_stats": batch_stats}, images_bxX,
                                  train=True, mutable=["batch_stats"])
   loss = cross_entropy_B(logits_bxC, labels_b).mean()
@@ -76,43 +145,74 @@ def _group_loss(apply_fn, params, batch_stats, images_bxX, labels_b):
   return loss, (updated.get("batch_stats", {}), accuracy)
 
 
-def _mean(trees):
-  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
+def _add(tree_a, tree_b):
+  return jax.tree.map(jnp.add, tree_a, tree_b)
 
 
-def train_step(state: TrainState, images_BxX, labels_B, *, apply_fn: Callable,
-               optimizer: optax.GradientTransformation, lr_fn: optax.Schedule, groups: int,
-               mesh, axis: str):
-  """One step on a global batch; returns the new state and this step's scalar metrics."""
-  microbatches = groups // mesh.size
+def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, apply_fn: Callable,
+               optimizer: optax.GradientTransformation, lr_fn: optax.Schedule,
+               microbatching: Microbatching, mesh, axis: str, crop_padding: int = 0,
+               flip: bool = False):
+  """One step on a global batch; returns the new state and this step's scalar metrics.
+
+  With `augment_key`, the batch is augmented first (augment_images) with the key folded with the
+  step number.
+  """
+  mb = microbatching
+  per_scan_step = mb.microbatches // mb.accumulation_steps
+  if augment_key is not None and (crop_padding or flip):
+    images_BxX = augment_images(jax.random.fold_in(augment_key, state.step), images_BxX,
+                                crop_padding=crop_padding, flip=flip)
 
   def local_step(params, batch_stats, opt_state, images_LxX, labels_L):
     """Runs on each device with its slice of L = B / devices examples; state is replicated."""
-    grad_fn = jax.value_and_grad(functools.partial(_group_loss, apply_fn), has_aux=True)
-    results = [grad_fn(params, batch_stats, x, y) for x, y in
-               zip(jnp.split(images_LxX, microbatches), jnp.split(labels_L, microbatches))]
-    grads_per_group = [g for _, g in results]
-    local_grads = _mean(grads_per_group)
-    # check_vma=False below: gradients stay per-device until this explicit all-reduce.
-    grads = jax.lax.pmean(local_grads, axis)
-    small_grad_sq = jax.lax.pmean(sum(global_norm_sq(g) for g in grads_per_group) / microbatches,
-                                  axis)
+    grad_fn = jax.value_and_grad(functools.partial(_microbatch_loss, apply_fn), has_aux=True)
+
+    def microbatches(sums, images_SxX, labels_S):
+      """Adds the gradients (and their squared norms) of the per_scan_step microbatches of these
+      S examples to `sums`."""
+      for x_bxX, y_b in zip(jnp.split(images_SxX, per_scan_step),
+                            jnp.split(labels_S, per_scan_step)):
+        (loss, (stats, accuracy)), grads = grad_fn(params, batch_stats, x_bxX, y_b)
+        sums = _add(sums, {"grad": grads, "grad_sq": curvature.sq_norm(grads), "loss": loss,
+                           "accuracy": accuracy, "batch_stats": stats})
+      return sums
+
+    # Sums in float32 at least, whatever the parameters' dtype.
+    zeros_like = lambda tree: jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), tree)
+    scalar = jnp.zeros((), jnp.float32)
+    zeros = {"grad": zeros_like(params), "grad_sq": scalar, "loss": scalar, "accuracy": scalar,
+             "batch_stats": zeros_like(batch_stats)}
+    if mb.accumulation_steps == 1:
+      sums = microbatches(zeros, images_LxX, labels_L)   # unrolled: fast convolutions on CPU
+    else:
+      # Sequential: only one scan step's microbatches are alive at a time (memory flat in K).
+      # Slices of the device's batch, not a [K, ...] reshape fed as scan inputs: XLA copies those.
+      size = mb.per_device_batch // mb.accumulation_steps
+      take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * size, size)
+      sums, _ = jax.lax.scan(
+          lambda carry, i: (microbatches(carry, take(images_LxX, i), take(labels_L, i)), None),
+          zeros, jnp.arange(mb.accumulation_steps))
+    # check_vma=False below: everything stays per-device until this explicit all-reduce.
+    sums = jax.lax.psum(sums, axis)
+    grads, small_grad_sq, big_grad_sq = curvature.finish_group_grad_stats(
+        sums["grad"], sums["grad_sq"], mb.groups)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    new_batch_stats = jax.lax.pmean(_mean([bs for (_, (bs, _)), _ in results]), axis)
-    scalars = jax.lax.pmean({"train/loss": _mean([l for (l, _), _ in results]),
-                             "train/accuracy": _mean([a for (_, (_, a)), _ in results])}, axis)
-    big_grad_sq = global_norm_sq(grads)
-    metrics = {**scalars, "grad_norm": jnp.sqrt(big_grad_sq),
-               "param_norm": jnp.sqrt(global_norm_sq(new_params)),
+    mean = lambda x: x / mb.groups
+    new_batch_stats = jax.tree.map(lambda s, old: mean(s).astype(old.dtype), sums["batch_stats"],
+                                   batch_stats)
+    metrics = {"train/loss": mean(sums["loss"]), "train/accuracy": mean(sums["accuracy"]),
+               "grad_norm": jnp.sqrt(big_grad_sq),
+               "param_norm": jnp.sqrt(curvature.sq_norm(new_params)),
                "noise/small_grad_sq": small_grad_sq, "noise/big_grad_sq": big_grad_sq}
     return new_params, new_batch_stats, opt_state, metrics
 
-  replicated, split = jax.P(), jax.P(axis)
-  params, batch_stats, opt_state, metrics = jax.shard_map(
-      local_step, mesh=mesh, in_specs=(replicated, replicated, replicated, split, split),
-      out_specs=replicated, check_vma=False)(state.params, state.batch_stats, state.opt_state,
-                                             images_BxX, labels_B)
+  params, batch_stats, opt_state, metrics = sharding.data_parallel(
+      local_step, mesh, axis, num_replicated=3)(state.params, state.batch_stats, state.opt_state,
+                                                images_BxX, labels_B)
   metrics["lr"] = lr_fn(state.step)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)

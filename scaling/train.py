@@ -96,12 +96,11 @@ def load_data(config) -> data.Splits:
 def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   """Every check that needs no training, so that a sweep fails before its first trial starts."""
   check_fields(config)
-  if config.batch_size % num_devices:
-    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices}"
-                      f" devices: use a multiple of {num_devices}")
-  if config.grad_groups % num_devices or config.batch_size % config.grad_groups:
-    raise ConfigError(f"grad_groups={config.grad_groups} must be a multiple of the {num_devices}"
-                      f" devices and divide batch_size={config.batch_size}")
+  micro = microbatching(config, num_devices)
+  models.check_microbatch(config.model, micro.microbatch_size)
+  if config.augment.crop_padding < 0:
+    raise ConfigError(f"augment.crop_padding={config.augment.crop_padding} must be >= 0"
+                      " (0 = no crops)")
   if config.chunk_steps < 1:
     raise ConfigError(f"chunk_steps={config.chunk_steps} must be >= 1")
   plan = schedule.make_plan(config, num_train)
@@ -110,10 +109,16 @@ def check_config(config, num_train: int, num_devices: int) -> schedule.Plan:
   return plan
 
 
+def microbatching(config, num_devices: int) -> steplib.Microbatching:
+  return steplib.plan_microbatches(config.batch_size, config.grad_groups,
+                                   config.accumulation_steps, num_devices)
+
+
 def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: int) -> dict:
   resolved = json.loads(config.to_json_best_effort())
   resolved["derived"] = {**vars(plan), "num_devices": num_devices, "num_params": num_params,
-                         "lr_rule_power": plan.lr_power}
+                         "lr_rule_power": plan.lr_power,
+                         "microbatching": vars(microbatching(config, num_devices))}
   return resolved
 
 
@@ -197,7 +202,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
 
   step_fn = functools.partial(
       steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
-      groups=config.grad_groups, mesh=mesh, axis=sharding.DATA)
+      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
+      augment_key=jax.random.PRNGKey(config.seed + 2_000_003),
+      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
   chunk_fn = resources.ChunkCost(jax.jit(
       functools.partial(train_chunk, num_examples=len(splits.train_labels),
                         batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
@@ -225,9 +232,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
   try:
-    return _train_loop(LoopSpec.of(config, plan, workdir), state, step, book, ckpts=ckpts,
-                       chunk_fn=chunk_fn, evaluate=evaluate, measure_curvature=measure,
-                       train_data=(train_arrays, data_key))
+    return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
+                       state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
+                       measure_curvature=measure, train_data=(train_arrays, data_key))
   finally:
     ckpts.close()
 
@@ -252,8 +259,8 @@ class LoopSpec:
   curvature_density: bool
 
   @classmethod
-  def of(cls, config, plan: schedule.Plan, workdir: str) -> "LoopSpec":
-    B, G = config.batch_size, config.grad_groups
+  def of(cls, config, plan: schedule.Plan, workdir: str, groups: int) -> "LoopSpec":
+    B, G = config.batch_size, groups   # G: derived.microbatching's noise-scale groups
     return cls(
         workdir=workdir, batch_size=B, total_steps=plan.total_steps,
         eval_every_steps=plan.eval_every_steps, log_every_steps=plan.log_every_steps,
@@ -266,8 +273,10 @@ class LoopSpec:
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
+# The noise-scale groups follow the device count (derived.microbatching); the estimators stay
+# unbiased.
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "chunk_steps", "eval_batch_size", "cluster")
+                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

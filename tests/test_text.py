@@ -155,8 +155,8 @@ def test_one_and_eight_devices_agree_on_transformer_steps():
   for devices in (1, 8):
     mesh = sharding.make_mesh(devices)
     step = jax.jit(lambda s, x, y: steplib.train_step(
-        s, x, y, apply_fn=model.apply, optimizer=optimizer, lr_fn=lambda _: 0.5, groups=8,
-        mesh=mesh, axis=sharding.DATA))
+        s, x, y, apply_fn=model.apply, optimizer=optimizer, lr_fn=lambda _: 0.5,
+        microbatching=steplib.plan_microbatches(16, 8, 1, devices), mesh=mesh, axis=sharding.DATA))
     s, losses = sharding.put_replicated(state, mesh), []
     for x, y in batches:
       s, metrics = step(s, *sharding.put_batch((x, y), mesh))

@@ -112,7 +112,7 @@ def _one_step(config, devices, state_host, images_BxX, labels_B):
   _, model, lr_fn, optimizer = train.build(config, splits, mesh)
   step_fn = jax.jit(functools.partial(
       steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
-      groups=config.grad_groups, mesh=mesh, axis=sharding.DATA))
+      microbatching=train.microbatching(config, devices), mesh=mesh, axis=sharding.DATA))
   state = sharding.put_replicated(state_host, mesh)
   new_state, metrics = step_fn(state, *sharding.put_batch((images_BxX, labels_B), mesh))
   return sharding.to_host((new_state, metrics))

@@ -9,6 +9,7 @@ import jax
 from scaling.config import ConfigError
 from scaling.models.cnn import SimpleCNN
 from scaling.models.mlp import MLP
+from scaling.models.resnet import ResNet
 from scaling.models.transformer import Transformer
 
 
@@ -19,6 +20,14 @@ def build(model_config, num_classes: int) -> nn.Module:
     return MLP(tuple(model_config.widths), num_classes, model_config.batch_norm)
   if name == "cnn":
     return SimpleCNN(num_classes, model_config.batch_norm)
+  if name == "resnet":
+    depth = model_config.depth
+    if depth < 8 or (depth - 2) % 6:
+      raise ConfigError(f"model.depth={depth} is not a CIFAR ResNet depth: use 6n + 2 (8, 14, 20,"
+                        " 32, 44, 56, 110)")
+    if model_config.width < 1:
+      raise ConfigError(f"model.width={model_config.width} must be >= 1 (16 in He et al.)")
+    return ResNet(num_classes, depth, model_config.width, model_config.ghost_batch_size)
   if name == "transformer":
     m = model_config
     if m.width % m.heads or (m.positions == "rotary" and (m.width // m.heads) % 2):
@@ -27,7 +36,20 @@ def build(model_config, num_classes: int) -> nn.Module:
     if m.positions not in ("learned", "rotary"):
       raise ConfigError(f"model.positions={m.positions!r} is unknown: use 'learned' or 'rotary'")
     return Transformer(num_classes, m.width, m.depth, m.heads, m.context_length, m.positions)
-  raise ConfigError(f"model.name={name!r} is unknown: use 'mlp', 'cnn' or 'transformer'")
+  raise ConfigError(f"model.name={name!r} is unknown: use 'mlp', 'cnn', 'resnet' or 'transformer'")
+
+
+def check_microbatch(model_config, microbatch_size: int) -> None:
+  """The ResNet's ghost batches must tile each microbatch: BN statistics never span microbatches
+  (they are computed one microbatch at a time) nor devices."""
+  if model_config.name != "resnet":
+    return
+  ghost = model_config.ghost_batch_size
+  if ghost < 0 or (ghost and microbatch_size % ghost):
+    raise ConfigError(
+        f"model.ghost_batch_size={ghost} does not divide the per-device microbatch of"
+        f" {microbatch_size} examples (batch_size / devices / microbatches per device): use a"
+        f" divisor of {microbatch_size}, or 0 for BN over the whole microbatch")
 
 
 def parameter_count(params) -> int:

@@ -1,0 +1,67 @@
+"""Every shipped config (configs/*.py, whoever added it) lists its trials on 1, 2, 4 and 8 devices
+and trains its first steps on 8 fake devices: no config may assume a device count."""
+import glob
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from scaling import sweep, train
+from tests.tiny import override
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+# Train examples left after the configs' validation hold-out, so listing needs no download.
+LISTED_SIZES = {("mnist", 5000): 55_000, ("fashion_mnist", 5000): 55_000}
+_TINY_IMAGES = {"dataset.name": "mnist_tiny", "dataset.validation_size": 100}   # same shape
+SMALL_DATA = {"mnist": _TINY_IMAGES, "fashion_mnist": _TINY_IMAGES,
+              "shakespeare": {"dataset.name": "shakespeare_tiny"}}   # the committed slice
+
+
+def get_config(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+class _Sized:
+  def __init__(self, n):
+    self.train_labels = np.zeros(n, np.int32)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_config_lists_its_trials(name, num_devices, tmp_path, monkeypatch, capsys):
+  config = get_config(name)
+  config.num_devices = num_devices
+  real_load = train.load_data
+  sized = LISTED_SIZES.get((config.dataset.name, config.dataset.validation_size))
+  monkeypatch.setattr(train, "load_data", lambda d: _Sized(sized) if sized else real_load(d))
+  sweep.main(config, str(tmp_path), list_only=True)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1 + len(sweep.expand(config, str(tmp_path)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_its_first_steps_on_eight_devices(name, tmp_path):
+  """The config's first trial as shipped, on tiny data where it reads MNIST-like images, a
+  shallow ResNet, two steps; nothing else changed (grad_groups, batch size, augmentation...)."""
+  trial = sweep.expand(get_config(name), str(tmp_path))[0]
+  config = override(trial.config, **{
+      "num_devices": 8, "budget.unit": "steps", "budget.length": 2.0, "warmup.unit": "steps",
+      "warmup.length": 1.0, "eval_every.unit": "steps", "eval_every.length": 2.0,
+      "chunk_steps": 1, "curvature.enabled": False, "train_eval_size": 64,
+      "eval_batch_size": 256, "checkpoint.every_steps": 0})
+  if config.dataset.name in SMALL_DATA:
+    override(config, **SMALL_DATA[config.dataset.name])
+  if config.model.name == "resnet":
+    config.model.depth = 8
+  summary = train.run(config, str(tmp_path / "trial"))
+  assert summary["status"] == "done" and summary["step"] == 2
+  assert np.isfinite(summary["final"]["train/loss"])
+  derived = json.load(open(tmp_path / "trial" / "config.json"))["derived"]
+  groups = derived["microbatching"]["groups"]
+  assert groups % 8 == 0 and groups >= config.grad_groups
+  assert derived["microbatching"]["microbatch_size"] * groups == config.batch_size
