@@ -266,7 +266,8 @@ class LoopSpec:
         eval_every_steps=plan.eval_every_steps, log_every_steps=plan.log_every_steps,
         chunk_steps=config.chunk_steps, checkpoint_every_steps=config.checkpoint.every_steps,
         eval_at_start=config.eval_at_start, stop_at_target=config.target.stop_at_target,
-        tokens_per_example=context_length(config), noise_sizes=(B // G, B) if G > 1 else None, noise_ema_decay=config.noise_scale.ema_decay,
+        tokens_per_example=context_length(config), noise_sizes=(B // G, B) if G > 1 else None,
+        noise_ema_decay=config.noise_scale.ema_decay,
         loss_multiple=config.divergence.loss_multiple,
         curvature_every_steps=config.curvature.every_steps,
         curvature_density=config.curvature.density)
