@@ -42,6 +42,11 @@ def get_config():
   c.augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False))
 
   c.target = ml_collections.ConfigDict(dict(metric="valid/error", value=0.01, stop_at_target=False))
+  # Diverged = a non-finite training loss, or one above loss_multiple x the first step's loss
+  # (0 = only non-finite). 100: the initial cross-entropy is ~ln(classes) = 2.3, so 230 means
+  # logits wrong by hundreds, which no trial comes back from; healthy high-LR trials spike only
+  # a few times their initial loss (warmup, catapult phase), far below it.
+  c.divergence = ml_collections.ConfigDict(dict(loss_multiple=100.0))
   c.eval_every = ml_collections.ConfigDict(dict(length=0.25, unit="epochs"))
   c.eval_at_start = False
   c.eval_batch_size = 1000

@@ -8,16 +8,29 @@ when complete, so a kill mid-save never leaves a half-written checkpoint that lo
 leftover temporary directory is deleted by the next run); saves are asynchronous, so only the
 device-to-host copy blocks the loop. A latest checkpoint that is damaged anyway (truncated file,
 missing metadata) is reported in one warning line, moved aside to `corrupt-<step>` (else Orbax
-refuses to save that step again) and the one before it is used.
+refuses to save that step again) and the one before it is used. Orbax's own tracebacks about
+the damage are kept out of the log: the warning line says it.
+
+A full disk during a save is one `metrics.DiskFull` line at the save that hit it (or at the next
+save or wait, since saves finish in the background); its temporary directory is removed and the
+checkpoints before it are kept. Offline readers (`scaling.measure_checkpoint`) open the directory
+with `read_only=True`: they never delete a temporary directory, which may be another process's
+save in progress, nor move a damaged checkpoint aside.
 """
+import contextlib
 import json
+import logging as py_logging
 import os
+import shutil
+import sys
 import time
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from scaling import metrics
 
 # The train state is small and replicated. Orbax's default replica-parallel save has every device
 # write a slice of each array, which compiles a slicing op per array and device (~7 s before the
@@ -27,14 +40,48 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+TMP_MARKER = ".orbax-checkpoint-tmp"   # Orbax's suffix for a save in progress
+
+
+def _quiet_orbax_about(record) -> bool:
+  """A logging filter: drops Orbax's records (with their tracebacks) about a full disk; the
+  trial reports it in one line."""
+  if "orbax" not in record.pathname:
+    return True
+  texts = [record.getMessage()] + ([str(record.exc_info[1])] if record.exc_info else [])
+  return not any(metrics.mentions_disk_full(t) for t in texts)
+
+
+def _drop_closed_loop_noise(previous_hook):
+  """sys.unraisablehook that drops TensorStore's "Event loop is closed" callbacks, which print a
+  traceback after Orbax abandons the reads of a damaged checkpoint or the writes of a save that
+  failed; others go to `previous_hook`."""
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous_hook(unraisable)
+  hook.drops_closed_loop_noise = True
+  return hook
+
+
 class Checkpoints:
 
-  def __init__(self, directory: str, keep: int, asynchronous: bool = True):
+  def __init__(self, directory: str, keep: int, asynchronous: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=asynchronous,
-                                           cleanup_tmp_directories=True)
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=asynchronous,
+                                             cleanup_tmp_directories=True)
+    py_logging.getLogger("absl").addFilter(_quiet_orbax_about)   # idempotent
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+      sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving = None   # the step of the save that may still be running
     self.last_save_seconds = 0.0
     self.last_restore_seconds = 0.0
 
@@ -46,18 +93,41 @@ class Checkpoints:
     start = time.perf_counter()
     # Orbax serialises the JSON in the background: snapshot it now, the loop keeps mutating it.
     bookkeeping = json.loads(json.dumps(bookkeeping))
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), bookkeeping=ocp.args.JsonSave(bookkeeping)),
-        force=True)
+    self.wait()   # a full disk in the previous save is reported as that save's
+    self._saving = step
+    with self._disk_full_cleaned(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), bookkeeping=ocp.args.JsonSave(bookkeeping)),
+          force=True)
     self.last_save_seconds = time.perf_counter() - start
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_full_cleaned(self._saving):
+      self._manager.wait_until_finished()
+    self._saving = None
 
-  def restore_latest(self, abstract_state, at_most: int | None = None, read_only: bool = False):
+  @contextlib.contextmanager
+  def _disk_full_cleaned(self, step: int):
+    """DiskFull for a save that ran out of space, after removing its temporary directory."""
+    try:
+      yield
+    except Exception as error:
+      if not metrics.is_disk_full(error):
+        raise
+      self._saving = None
+      if jax.process_index() == 0:
+        for name in os.listdir(self.directory):
+          if name.startswith(f"{step}{TMP_MARKER}"):
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      raise metrics.DiskFull(
+          f"disk full while saving the checkpoint of step {step} in {self.directory}: free"
+          " space and rerun (earlier checkpoints are kept; the trial resumes from the latest)"
+      ) from None
+
+  def restore_latest(self, abstract_state, at_most: int | None = None):
     """(step, state, bookkeeping) from the newest usable checkpoint (at or before step `at_most`
-    if given), or None if there is none. `read_only` (offline readers) never moves a damaged
-    checkpoint aside.
+    if given), or None if there is none. Read-only (offline readers): a damaged checkpoint is
+    reported but never moved aside.
 
     `abstract_state` gives shapes, dtypes and shardings: restoring into it keeps optax's
     namedtuples and puts the arrays straight onto this run's mesh (any device count).
@@ -72,7 +142,7 @@ class Checkpoints:
         jax.block_until_ready(state)
       except Exception as error:  # a damaged checkpoint must not cost the run: fall back
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        if read_only:
+        if self.read_only:
           logging.warning("checkpoint at step %d is unusable (%s)", step, first_line)
           continue
         damaged, aside = True, self._move_aside(step)
@@ -99,5 +169,7 @@ class Checkpoints:
     return aside
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

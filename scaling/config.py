@@ -64,6 +64,8 @@ _RULES = (
      "a finite number > 0 (Adam divides by sqrt(v) + eps, and v is 0 for a dead unit)"),
     ("optimizer.trust_coefficient", lambda x: _finite(x) and x > 0, "a finite number > 0"),
     ("target.value", _finite, "a finite number"),
+    ("divergence.loss_multiple", lambda x: _finite(x) and (x == 0 or x > 1),
+     "a finite number > 1 (or 0: only a non-finite loss counts as divergence)"),
     ("eval_batch_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("train_eval_size", lambda x: _int(x) and x >= 0,
      "an integer >= 0 (0 = no train_eval split)"),

@@ -65,10 +65,18 @@ def main(argv):
       import jax
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from scaling import sweep
-    sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value, list_only=_LIST.value)
+    from scaling import metrics, sweep
+    try:
+      summaries = sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value,
+                             list_only=_LIST.value)
+    except metrics.DiskFull as error:   # one line, at the write that hit it
+      sys.exit(f"error: {error}")
   except ConfigError as error:  # bad input: one line naming the field and the fix
     sys.exit(f"config error: {error}")
+  failed = [s.get("trial_id", "?") for s in summaries if s.get("status") == "failed"]
+  if failed:
+    sys.exit(f"{len(failed)} trial(s) failed (reasons in their summary.json; a rerun retries"
+             f" them): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ eval mode for BatchNorm, sharded over the training mesh like a batch. The measur
 pure functions of scaling.curvature, each jitted once; each is timed and logged as a cost in
 training steps so that a schedule can be chosen knowingly.
 
-Offline:  python -m scaling.measure --workdir=runs/x/trials/<id> [--step=latest] [--density]
+Offline, from a trial's checkpoint: scaling/measure_checkpoint.py.
 """
-import json
-import os
 import time
 
 import jax
@@ -120,48 +118,3 @@ class Measure:
       results["curvature/density"] = {name: np.asarray(getattr(spectrum, name)).tolist()
                                       for name in ("grid", "density")}
     return results
-
-
-def offline_main(argv):
-  """Evaluates a saved checkpoint of a trial directory and writes curvature_<step>.json there."""
-  del argv
-  from absl import flags
-  import ml_collections
-
-  from scaling import checkpoint, train
-  workdir, step_flag = flags.FLAGS.workdir, flags.FLAGS.step
-  with open(os.path.join(workdir, "config.json")) as f:
-    resolved = json.load(f)
-  for key in ("derived", "trial_id", "sweep_axes"):
-    resolved.pop(key, None)
-  config = ml_collections.ConfigDict(resolved)
-  mesh = sharding.make_mesh(config.num_devices)
-  splits = train.load_data(config)
-  _, model, _, optimizer = train.build(config, splits, mesh)
-  abstract_state, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
-  at_most = None if step_flag == "latest" else int(step_flag)
-  restored = ckpts.restore_latest(abstract_state, at_most, read_only=True)
-  ckpts.close()
-  if restored is None or (at_most is not None and restored[0] != at_most):
-    raise SystemExit(f"no usable checkpoint at step {step_flag} in {workdir}/checkpoints"
-                     f" (steps: {ckpts.steps()})")
-  step, state, _ = restored
-  results = Measure(config.curvature, model, splits, mesh, config.seed)(
-      state, step, density=flags.FLAGS.density)
-  density = results.pop("curvature/density", None)
-  out = os.path.join(workdir, f"curvature_{step}.json")
-  train.write_json(out, {"step": step, **results})
-  if density:
-    np.savez(os.path.join(workdir, f"density_{step}.npz"), **density)
-  print(json.dumps(results, indent=1))
-  print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
-  flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
-  flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
-  flags.mark_flag_as_required("workdir")
-  app.run(offline_main)

@@ -7,6 +7,19 @@ the product of the grid axes (in the order ConfigDict keeps them: sorted by name
 axis, first axis slowest, so index N names the same trial every time the same config is expanded:
 a Slurm array task runs `--trial=$SLURM_ARRAY_TASK_ID`.
 A config without axes is one trial, written straight into the workdir.
+
+A trial id is `axis=value,...`: floats as short as they stay exact (`0.05`, `1e+09`, but
+`0.05000001`), every character that is not plain percent-encoded (`/` -> `%2F`), so that an id is
+one directory name inside `<workdir>/trials`; ids that would still collide (`adam` and `Adam` on a
+case-insensitive disk) are refused before anything runs.
+
+Reruns: a finished trial (done or diverged) is skipped, unless its config differs from the one it
+ran with, which is refused naming the first differing field (as resuming an unfinished one is).
+A trial that raises an unexpected error is recorded as `failed` (summary.json holds the one-line
+reason, traceback.txt the traceback) and the sweep goes on; a rerun retries failed trials (failures
+are often transient: a lost file system, a preempted host) from their latest checkpoint, and the
+command exits non-zero while any trial it ran failed. A full disk stops the sweep: every later
+trial would hit it too.
 """
 import csv
 import dataclasses
@@ -14,11 +27,14 @@ import fcntl
 import itertools
 import json
 import os
+import traceback
+import urllib.parse
 
 import jax
 
-from scaling import schedule, sharding, train
+from scaling import metrics, schedule, sharding, train
 from scaling.config import ConfigError
+from scaling.metrics import write_json
 
 FINISHED = ("done", "diverged")
 SHORT_NAMES = {"batch_size": "bs"}
@@ -53,11 +69,35 @@ def _axes(config, field: str) -> list[tuple[str, tuple]]:
 
 
 def _format(value) -> str:
-  return f"{value:g}" if isinstance(value, float) else str(value)
+  """A value as its id shows it: floats short (`0.05`, `1e+09`) unless that would lose digits."""
+  if isinstance(value, float):
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+  return str(value)
 
 
 def trial_id(overrides: dict) -> str:
-  return ",".join(f"{SHORT_NAMES.get(k, k)}={_format(v)}" for k, v in overrides.items())
+  """`bs=64,base_lr=0.1`: one path component (no `/`, never `.` or `..`: it holds `=`)."""
+  text = ",".join(f"{SHORT_NAMES.get(k, k)}={_format(v)}" for k, v in overrides.items())
+  return urllib.parse.quote(text, safe="=,.+-_()[]")
+
+
+MAX_ID_BYTES = 255   # a directory name on common file systems
+
+
+def _check_ids(trials: list[Trial]) -> None:
+  """Ids must name distinct directories, even on case-insensitive disks."""
+  seen = {}
+  for t in trials:
+    if len(t.id.encode()) > MAX_ID_BYTES:
+      raise ConfigError(f"trial {t.index} id is {len(t.id.encode())} bytes, over the"
+                        f" {MAX_ID_BYTES} a directory name may have: use fewer or shorter sweep"
+                        " values")
+    other = seen.setdefault(t.id.lower(), t)
+    if other is not t:
+      raise ConfigError(f"trials {other.index} and {t.index} would share the directory"
+                        f" trials/{t.id}: their sweep values print alike ({other.overrides} vs"
+                        f" {t.overrides}); make them differ")
 
 
 def _override(config, key: str, value):
@@ -98,6 +138,7 @@ def expand(config, workdir: str) -> list[Trial]:
     tid = trial_id(overrides) if axes else "trial"
     directory = os.path.join(workdir, "trials", tid) if axes else workdir
     trials.append(Trial(index, tid, overrides, trial_config, directory))
+  _check_ids(trials)
   return trials
 
 
@@ -128,6 +169,28 @@ def read_summary(directory: str) -> dict | None:
       return json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
     return None
+
+
+def check_finished_unchanged(trial: Trial) -> None:
+  """A finished trial rerun with another config is refused (its results would be relabelled)."""
+  current = json.loads(trial.config.to_json_best_effort())
+  current.update(trial_id=trial.id, sweep_axes=json.loads(json.dumps(trial.overrides)))
+  train.check_same_run(os.path.join(trial.directory, "config.json"), current, ignore=("derived",))
+
+
+def record_failure(trial: Trial, error: Exception) -> dict:
+  """status `failed` with the one-line reason in summary.json; the traceback beside it."""
+  lines = str(error).strip().splitlines()
+  reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+  summary = {**(read_summary(trial.directory) or {}), "status": "failed", "failed_reason": reason,
+             "trial_id": trial.id}
+  if jax.process_index() == 0:
+    with open(os.path.join(trial.directory, "traceback.txt"), "w") as f:
+      f.write("".join(traceback.format_exception(error)))
+  write_json(os.path.join(trial.directory, "summary.json"), summary)
+  print(f"[{trial.index}] {trial.id}: failed: {reason} (traceback in"
+        f" {os.path.join(trial.directory, 'traceback.txt')})", flush=True)
+  return summary
 
 
 class TrialLock:
@@ -181,12 +244,17 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
     return
   path = os.path.join(workdir, "sweep.csv")
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, CSV_COLUMNS)
-    writer.writeheader()
-    for trial, plan in zip(trials, plans):
-      writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
-  os.replace(tmp, path)
+  try:
+    with metrics.reporting_disk_full("sweep.csv", path):
+      with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for trial, plan in zip(trials, plans):
+          writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def main(config, workdir: str, trial: str | None = None, list_only: bool = False) -> list[dict]:
@@ -202,9 +270,12 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
             f"{p.total_steps:>7}  {t.id}")
     return []
   chosen = select(trials, trial) if trial is not None else trials
+  for t in chosen:
+    if (read_summary(t.directory) or {}).get("status") in FINISHED:
+      check_finished_unchanged(t)
   os.makedirs(workdir, exist_ok=True)
   if trials[0].overrides:
-    train.write_json(os.path.join(workdir, "sweep.json"), {
+    write_json(os.path.join(workdir, "sweep.json"), {
         "config": json.loads(config.to_json_best_effort()),
         "axes": {k: list(v) for k, v in _axes(config, "sweep")},
         "zipped_axes": {k: list(v) for k, v in _axes(config, "sweep_zip")},
@@ -225,9 +296,16 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
     try:
       print(f"[{t.index}] {t.id}: training", flush=True)
       summaries.append(train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides))
+    except (ConfigError, metrics.DiskFull):   # bad input, or a disk every later trial shares
+      raise
+    except Exception as error:   # this trial's own failure: record it, go on to the next
+      summaries.append(record_failure(t, error))
+    except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
+      write_csv(workdir, trials, plans)
+      raise
     finally:
       if lock:
         lock.release()
-      write_csv(workdir, trials, plans)
+    write_csv(workdir, trials, plans)
   write_csv(workdir, trials, plans)
   return summaries

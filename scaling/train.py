@@ -7,6 +7,7 @@ Per-step metrics stay on the device until the next evaluation, so dispatch never
 `chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
 unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
 """
+import dataclasses
 import functools
 import json
 import math
@@ -24,6 +25,7 @@ from scaling import measure as measure_lib
 from scaling import resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
+from scaling.metrics import write_json
 
 
 def epoch_order(data_key, epoch, num_examples):
@@ -120,16 +122,6 @@ def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: i
   return resolved
 
 
-def write_json(path: str, obj) -> None:
-  """Atomic: a reader (the report, a resuming run) never sees half a file."""
-  if jax.process_index() != 0:
-    return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def target_reached(value: float, target_value: float) -> bool:
   return math.isfinite(value) and value < target_value   # Shallue et al.: strictly better
 
@@ -179,7 +171,8 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
     restored = ckpts.restore_latest(abstract_state)
   if restored:
     step, state, book = restored
-    book["status"] = "running"
+    # Fields added since the checkpoint was written start at their defaults.
+    book = {**new_bookkeeping(config), **book, "status": "running"}
     print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
           flush=True)
   else:
@@ -239,10 +232,45 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
   try:
-    return _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
-                       measure, (train_arrays, data_key), microbatching(config, mesh.size).groups)
+    return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
+                       state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
+                       measure_curvature=measure, train_data=(train_arrays, data_key))
   finally:
     ckpts.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """What the training loop needs of the config and the plan: no ConfigDict below `run`."""
+  workdir: str
+  batch_size: int
+  total_steps: int
+  eval_every_steps: int
+  log_every_steps: int
+  chunk_steps: int
+  checkpoint_every_steps: int
+  eval_at_start: bool
+  stop_at_target: bool
+  tokens_per_example: int               # the context length of a language model; 0 for images
+  noise_sizes: tuple[int, int] | None   # (small, big) batch of the noise-scale estimators
+  noise_ema_decay: float
+  loss_multiple: float                  # diverged past this multiple of the initial loss (0: off)
+  curvature_every_steps: int
+  curvature_density: bool
+
+  @classmethod
+  def of(cls, config, plan: schedule.Plan, workdir: str, groups: int) -> "LoopSpec":
+    B, G = config.batch_size, groups   # G: derived.microbatching's noise-scale groups
+    return cls(
+        workdir=workdir, batch_size=B, total_steps=plan.total_steps,
+        eval_every_steps=plan.eval_every_steps, log_every_steps=plan.log_every_steps,
+        chunk_steps=config.chunk_steps, checkpoint_every_steps=config.checkpoint.every_steps,
+        eval_at_start=config.eval_at_start, stop_at_target=config.target.stop_at_target,
+        tokens_per_example=context_length(config), noise_sizes=(B // G, B) if G > 1 else None,
+        noise_ema_decay=config.noise_scale.ema_decay,
+        loss_multiple=config.divergence.loss_multiple,
+        curvature_every_steps=config.curvature.every_steps,
+        curvature_density=config.curvature.density)
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
@@ -262,20 +290,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def check_same_run(config_path: str, resolved: dict) -> None:
-  """Refuses to resume a checkpoint written by a different run (batch size, LR, model, ...)."""
+def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = ()) -> None:
+  """Refuses to resume (or rerun) a trial directory written by a different run (batch size, LR,
+  model, ...); `ignore` adds fields to RESUME_MAY_CHANGE (e.g. `derived`, when comparing configs
+  before a plan is made)."""
   if not os.path.exists(config_path):
     return
   with open(config_path) as f:
     saved = _flatten(json.load(f))
   current = _flatten(resolved)
-  allowed = lambda key: any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+  may_change = RESUME_MAY_CHANGE + tuple(ignore)
+  allowed = lambda key: any(key == p or key.startswith(p + ".") for p in may_change)
   changed = sorted(k for k in set(saved) | set(current)
                    if not allowed(k) and saved.get(k) != current.get(k))
   if changed:
     key = changed[0]
     raise ConfigError(
-        f"{os.path.dirname(config_path)} holds checkpoints of a different run: {key} was "
+        f"{os.path.dirname(config_path)} holds a different run: {key} was "
         f"{saved.get(key)!r}, now {current.get(key)!r} ({len(changed)} field(s) differ); "
         "use a new --workdir or restore the original config")
 
@@ -288,7 +319,8 @@ def _crossed(step: int, previous: int, every: int) -> bool:
 def new_bookkeeping(config) -> dict:
   """The loop's running record; saved in every checkpoint so that a resume continues it exactly."""
   return {
-      "status": "running", "elapsed": 0.0, "diverged_at_step": None,
+      "status": "running", "elapsed": 0.0, "diverged_at_step": None, "diverged_reason": None,
+      "initial_loss": None,   # the first step's training loss: the divergence threshold's unit
       "target": {"metric": config.target.metric, "value": config.target.value,
                  "reached": False, "step": None, "examples": None,
                  "stop_at_target": config.target.stop_at_target},
@@ -310,22 +342,22 @@ def _noise_metrics(noise: dict) -> dict:
 
 
 def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
-               config, plan, noise_sizes):
+               spec: LoopSpec):
   """Folds `count` per-step metrics into the window; writes a record every log_every_steps."""
   window = book["window"]
   for i in range(count):
     done = first_step + i + 1
-    if noise_sizes:
+    if spec.noise_sizes:
       # Host floats: the EMA is part of the checkpointed bookkeeping (exact resume).
       book["noise"] = curvature.noise_scale_update(
           curvature.NoiseScaleEMA(**book["noise"]), float(metrics_K["noise/small_grad_sq"][i]),
-          float(metrics_K["noise/big_grad_sq"][i]), *noise_sizes,
-          decay=config.noise_scale.ema_decay)._asdict()
+          float(metrics_K["noise/big_grad_sq"][i]), *spec.noise_sizes,
+          decay=spec.noise_ema_decay)._asdict()
     for key in ("train/loss", "train/accuracy", "grad_norm"):
       window["sums"][key] = window["sums"].get(key, 0.0) + float(metrics_K[key][i])
     window["steps"] += 1
-    last = done == plan.total_steps or (diverged and i == count - 1)
-    if done % plan.log_every_steps and not last:
+    last = done == spec.total_steps or (diverged and i == count - 1)
+    if done % spec.log_every_steps and not last:
       continue
     record = {k: v / window["steps"] for k, v in window["sums"].items()}
     record.update(lr=float(metrics_K["lr"][i]), param_norm=float(metrics_K["param_norm"][i]),
@@ -335,8 +367,28 @@ def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples
     window = book["window"] = {"steps": 0, "sums": {}}
 
 
+def first_divergence(losses_K: np.ndarray, first_step: int, initial_loss: float,
+                     loss_multiple: float) -> tuple[int, str] | None:
+  """(index into losses_K, why) of the first step whose training loss is non-finite or above
+  `loss_multiple` x the initial loss (0 = that test off); None if every step is healthy.
+
+  Step k's loss is measured before its update, on its batch. A multiple, not an absolute value:
+  the initial loss is ~ln(classes) for any data set and model, and the multiple says "exploded"."""
+  limit = loss_multiple * initial_loss if loss_multiple else math.inf
+  bad = np.flatnonzero(~np.isfinite(losses_K) | (losses_K > limit))
+  if not bad.size:
+    return None
+  i = int(bad[0])
+  loss = float(losses_K[i])
+  if not math.isfinite(loss):
+    return i, f"train/loss is {loss} at step {first_step + i}"
+  return i, (f"train/loss {loss:.4g} at step {first_step + i} exceeds divergence.loss_multiple="
+             f"{loss_multiple:g} x the initial loss {initial_loss:.4g}")
+
+
 class _StopRequest:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+  """SIGTERM/SIGINT set a flag; the loop polls it before every chunk it dispatches, saves a
+  checkpoint where it stands and exits."""
 
   def __init__(self):
     self.signal = None
@@ -350,6 +402,11 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     self.signal = signum
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop at `step` (every process agrees: a signal may reach only one of them)."""
+    del step   # where the loop stands; tests/harness.py signals the process at a known step
+    return sharding.any_process(self.signal is not None)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -370,6 +427,7 @@ def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int,
       "stop_reason": resources.stop_reason(book["status"], target["reached"],
                                            target.get("stop_at_target", False)),
       "wall_time": book["elapsed"], "diverged_at_step": book["diverged_at_step"],
+      "diverged_reason": book["diverged_reason"],
       "target": book["target"], "final": {**book["last_train"], **book["last_eval"]}, "best": book["best"],
       "noise": _noise_metrics(book["noise"]), "curvature": book["curvature"],
   }
@@ -392,15 +450,13 @@ def _record_eval(book: dict, step: int, batch_size: int, results: dict,
   return False
 
 
-def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evaluate,
-                measure_curvature, train_data, groups):
+def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
+                measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
-  B, G, T = config.batch_size, groups, context_length(config)   # G: derived.microbatching's
-  noise_sizes = (B // G, B) if G > 1 else None
-  writer = metrics_lib.MetricsWriter(workdir, B, plan.total_steps, step, book["elapsed"],
+  B, T = spec.batch_size, spec.tokens_per_example
+  writer = metrics_lib.MetricsWriter(spec.workdir, B, spec.total_steps, step, book["elapsed"],
                                      tokens_per_example=T)
-  summary_path = os.path.join(workdir, "summary.json")
-  checkpoint_every = config.checkpoint.every_steps
+  summary_path = os.path.join(spec.workdir, "summary.json")
 
   def save(state, step):
     book["elapsed"] = writer.elapsed()
@@ -409,64 +465,77 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     ckpts.save(step, state, book)
 
   with _StopRequest() as stop:
-    if step == 0 and config.eval_at_start:
+    if step == 0 and spec.eval_at_start:
       results = evaluate(state)
       writer.write(0, results)
       _record_eval(book, 0, B, results, T)
-    while step < plan.total_steps and book["status"] == "running":
-      # Dispatch every chunk up to the next evaluation, then fetch their metrics in one go.
-      segment_end = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
-      chunks, started = [], time.perf_counter()
-      for start in range(step, segment_end, config.chunk_steps):
+    while step < spec.total_steps and book["status"] == "running":
+      # Dispatch the chunks up to the next evaluation, then fetch their metrics in one go. At
+      # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
+      segment_end = min(spec.total_steps,
+                        (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
+      chunks, started, stopping = [], time.perf_counter(), False
+      for start in range(step, segment_end, spec.chunk_steps):
+        if stop.requested(start):
+          segment_end, stopping = start, True
+          break
         state, metrics_K = chunk_fn(state, *train_data,
-                                    num_steps=min(config.chunk_steps, segment_end - start))
+                                    num_steps=min(spec.chunk_steps, segment_end - start))
+        if chunks:
+          jax.block_until_ready(chunks[-1])
         chunks.append(metrics_K)
-      metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
-      n = segment_end - step
-      seconds = time.perf_counter() - started
-      chunk_fn.segment_done(n, seconds)
-      rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
-      bad = np.flatnonzero(~np.isfinite(metrics_K["train/loss"]))
-      count = int(bad[0]) + 1 if bad.size else n
-      _log_train(writer, book, metrics_K, step, count, diverged=bool(bad.size),
-                 examples_per_sec=rate, config=config, plan=plan, noise_sizes=noise_sizes)
-      if bad.size:  # a result, not a crash: record where, keep the sweep going
-        book.update(status="diverged", diverged_at_step=step + int(bad[0]))
-        step += count
-        break
-      step = segment_end
-      if step % plan.eval_every_steps == 0 or step == plan.total_steps:
+      if chunks:
+        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
+        n = segment_end - step
+        seconds = time.perf_counter() - started
+        chunk_fn.segment_done(n, seconds)
+        rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
+        if book["initial_loss"] is None:
+          book["initial_loss"] = float(metrics_K["train/loss"][0])
+        diverged = first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
+                                    spec.loss_multiple)
+        count = diverged[0] + 1 if diverged else n
+        _log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
+                   examples_per_sec=rate, spec=spec)
+        if diverged:  # a result, not a crash: record where and why, keep the sweep going
+          book.update(status="diverged", diverged_at_step=step + diverged[0],
+                      diverged_reason=diverged[1])
+          step += count
+          break
+        step = segment_end
+      if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
         results = evaluate(state)
         writer.write(step, results)
         newly_reached = _record_eval(book, step, B, results, T)
         if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
           book["target"]["at"] = {"wall_time": writer.elapsed(), **_noise_metrics(book["noise"])}
-        if config.target.stop_at_target and book["target"]["reached"]:
+        if spec.stop_at_target and book["target"]["reached"]:
           book["status"] = "done"
-        finishing = step == plan.total_steps or book["status"] == "done"
+        finishing = step == spec.total_steps or book["status"] == "done"
         if measure_curvature and (finishing or newly_reached or _crossed(
-            step, book["last_curvature_step"], config.curvature.every_steps)):
+            step, book["last_curvature_step"], spec.curvature_every_steps)):
           results = measure_curvature(state, step, step_seconds=B / rate,
-                                      density=finishing and config.curvature.density)
+                                      density=finishing and spec.curvature_density)
           density = results.pop("curvature/density", None)
           if density and jax.process_index() == 0:
-            np.savez(os.path.join(workdir, f"density_{step}.npz"), **density)
+            np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
           book["curvature"], book["last_curvature_step"] = results, step
           if newly_reached:
             book["target"]["at"].update(results)
           writer.write(step, results)
-        if _crossed(step, book["last_checkpoint_step"], checkpoint_every):
+        if _crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
           save(state, step)
         book["elapsed"] = writer.elapsed()
         writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
         write_json(summary_path, _summary(book, step, B, T, chunk_fn))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
-      if (sharding.any_process(stop.signal is not None) and book["status"] == "running"
-          and step < plan.total_steps):
+      if ((stopping or stop.requested(step)) and book["status"] == "running"
+          and step < spec.total_steps):
         book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
         break
     if book["status"] == "running":
       book["status"] = "done"
+    # A stop right after a checkpoint finds its step saved already.
     if book["status"] in ("done", "preempted") and book["last_checkpoint_step"] != step:
       save(state, step)
     ckpts.wait()
@@ -475,5 +544,7 @@ def _train_loop(config, workdir, plan, state, step, book, ckpts, chunk_fn, evalu
     summary = _summary(book, step, B, T, chunk_fn)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
+    print(f"stopped by signal {stop.signal} at step {step}: checkpoint saved, rerun to resume",
+          flush=True)
     raise Preempted(128 + (stop.signal or signal.SIGTERM))
   return summary

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +40,14 @@ def cli_flags(config) -> list[str]:
   return [f"--config.{k}={v}" for k, v in sweep._leaves(config.to_dict()) if default.get(k) != v]
 
 
-def start(workdir, **overrides) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+def start(workdir, hooks=None, **overrides) -> subprocess.Popen:
+  """The trial as a CLI process; `hooks` (tests/harness.py's variables) signal it at known steps."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             **(hooks or {}))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "..", os.path.basename(workdir) + ".log"), "a") as log:
     return subprocess.Popen(
-        [sys.executable, "-m", "scaling.main", "--config=configs/mnist.py", f"--workdir={workdir}",
+        [sys.executable, "tests/harness.py", "--config=configs/mnist.py", f"--workdir={workdir}",
          *cli_flags(trial_config(**overrides))],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -65,16 +66,6 @@ def finish(workdir, **overrides) -> str:
 
 def checkpoint_steps(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-
-
-def wait_for_checkpoint(process, workdir, step):
-  """Polls until the step directory exists (Orbax renames it into place when the save is done)."""
-  deadline = time.time() + 240
-  while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
-    assert process.poll() is None, f"the run ended before checkpoint {step}:\n{output(workdir)}"
-    assert time.time() < deadline, output(workdir)
-    time.sleep(0.05)
-  assert process.poll() is None, "the run finished before it could be interrupted: raise STEPS"
 
 
 def final_state(workdir):
@@ -139,35 +130,56 @@ def copy_interrupted(reference, workdir, last_step):
 
 def test_sigkill_then_rerun_resumes_and_matches_the_uninterrupted_run(reference, tmp_path):
   workdir = str(tmp_path / "trial")
-  process = start(workdir)
-  wait_for_checkpoint(process, workdir, EVERY)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait(timeout=60) == -signal.SIGKILL
+  process = start(workdir, {"SCALING_TEST_SIGNAL_AFTER_SAVE": f"{EVERY}:KILL"})
+  assert process.wait(timeout=300) == -signal.SIGKILL
   assert summary(workdir)["status"] == "running"
-  latest = checkpoint_steps(workdir)[-1]
-  assert latest < STEPS
+  assert checkpoint_steps(workdir) == [EVERY]
 
   printed = finish(workdir)
-  assert f"from step {latest}" in printed
+  assert f"from step {EVERY}" in printed
   assert summary(workdir)["status"] == "done"
   assert_same_run(workdir, reference)
 
 
-def test_sigterm_saves_exits_128_plus_signal_and_a_rerun_finishes_the_same(reference, tmp_path):
-  workdir = str(tmp_path / "trial")
-  process = start(workdir)
-  wait_for_checkpoint(process, workdir, EVERY)
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 128 + signal.SIGTERM, output(workdir)[-3000:]
+def preempt(workdir, hook: str, stop_step: int, **overrides) -> dict:
+  """Runs the trial with a SIGTERM hook; checks it stopped at `stop_step`, saved, exited 143."""
+  process = start(workdir, {hook: f"{stop_step}:TERM"}, **overrides)
+  assert process.wait(timeout=300) == 128 + signal.SIGTERM, output(workdir)[-3000:]
   preempted = summary(workdir)
-  assert preempted["status"] == "preempted" and EVERY <= preempted["step"] < STEPS
-  assert checkpoint_steps(workdir)[-1] == preempted["step"]     # saved where it stopped
+  assert (preempted["status"], preempted["step"]) == ("preempted", stop_step)
+  assert checkpoint_steps(workdir)[-1] == stop_step     # saved where it stopped
   assert "Traceback" not in output(workdir)
+  assert output(workdir).strip().splitlines()[-1].startswith(f"stopped by signal 15 at step {stop_step}")
+  return preempted
 
-  printed = finish(workdir)
-  assert f"from step {preempted['step']}" in printed
+
+def test_sigterm_between_evaluations_saves_exits_143_and_a_rerun_finishes_the_same(reference,
+                                                                                   tmp_path):
+  """Evaluations every 8 steps, chunks of 4: step 44 is a chunk boundary between two of them."""
+  workdir = str(tmp_path / "trial")
+  preempt(workdir, "SCALING_TEST_SIGNAL", 44)
+  assert f"from step 44" in finish(workdir)
   assert summary(workdir)["status"] == "done"
   assert_same_run(workdir, reference)
+
+
+def test_sigterm_right_after_a_checkpoint_exits_143_and_a_rerun_finishes_the_same(reference,
+                                                                                  tmp_path):
+  """The stop finds its step saved already (it used to fail saving it again, status `running`)."""
+  workdir = str(tmp_path / "trial")
+  preempt(workdir, "SCALING_TEST_SIGNAL_AFTER_SAVE", EVERY)
+  assert checkpoint_steps(workdir) == [EVERY]
+  assert f"from step {EVERY}" in finish(workdir)
+  assert_same_run(workdir, reference)
+
+
+def test_sigterm_stops_within_a_chunk_even_when_the_next_evaluation_is_far(tmp_path):
+  """One evaluation at the end of 160 steps: the stop at step 20 must not wait for it."""
+  workdir = str(tmp_path / "trial")
+  preempt(workdir, "SCALING_TEST_SIGNAL", 20,
+          **{"eval_every.length": float(STEPS), "checkpoint.every_steps": 0})
+  records_ = records(workdir)
+  assert [r["step"] for r in records_] == [4, 8, 12, 16, 20]   # train logs only, no evaluation
 
 
 def test_truncated_latest_checkpoint_warns_once_and_resumes_from_the_previous(reference, tmp_path):

@@ -175,8 +175,9 @@ def test_target_is_recorded_and_can_stop_the_trial(tmp_path):
 
 
 def test_nan_loss_is_a_diverged_result(tmp_path):
-  summary = train.run(tiny_config(base_lr=1e9), str(tmp_path))
-  assert summary["status"] == "diverged"
+  # Only a non-finite loss counts (the loss-multiple test would stop it before NaN).
+  summary = train.run(tiny_config(base_lr=1e9, **{"divergence.loss_multiple": 0.0}), str(tmp_path))
+  assert summary["status"] == "diverged" and "train/loss is nan" in summary["diverged_reason"]
   assert summary["diverged_at_step"] is not None and summary["diverged_at_step"] < 24
   assert json.load(open(tmp_path / "summary.json"))["status"] == "diverged"
   last = read_records(str(tmp_path))[-1]

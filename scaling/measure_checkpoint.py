@@ -1,0 +1,96 @@
+"""Curvature of a trial's saved checkpoint, offline: writes curvature_<step>.json in the trial dir.
+
+    python -m scaling.measure_checkpoint --workdir=runs/x/trials/<id> [--step=latest] [--density]
+
+Safe beside a running trial: the checkpoints are opened read-only (no temporary directory of a
+save in progress is removed, no damaged checkpoint moved aside). Bad input (a missing directory,
+`--step=abc`, a step that was not saved) is one line naming the flag, without a traceback.
+"""
+import json
+import os
+import sys
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from scaling import checkpoint, measure, sharding, train
+from scaling.config import ConfigError
+from scaling.metrics import write_json
+
+def parse_step(step: str) -> int | None:
+  """'latest' -> None, '120' -> 120; anything else is a ConfigError naming --step."""
+  if step == "latest":
+    return None
+  if not step.isdigit():
+    raise ConfigError(f"--step={step} is not a step: give a checkpoint step number or 'latest'")
+  return int(step)
+
+
+def load_trial_config(workdir: str) -> ml_collections.ConfigDict:
+  """The trial's own config (config.json), as the trial ran it."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is not a directory: give a trial directory"
+                      " (the one holding config.json and checkpoints/)")
+  try:
+    with open(path) as f:
+      resolved = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"--workdir={workdir} has no config.json: give a trial directory"
+                      " (in a sweep, <workdir>/trials/<id>)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ConfigError(f"{path} is not valid JSON ({error}): rerun the trial to rewrite it") from None
+  for key in ("derived", "trial_id", "sweep_axes"):
+    resolved.pop(key, None)
+  return ml_collections.ConfigDict(resolved)
+
+
+def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
+  at_most = parse_step(step_flag)
+  config = load_trial_config(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ConfigError(f"--workdir={workdir} has no checkpoints/: the trial saved none yet")
+  mesh = sharding.make_mesh(config.num_devices)
+  splits = train.load_data(config)
+  _, model, _, optimizer = train.build(config, splits, mesh)
+  abstract_state, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
+  ckpts = checkpoint.Checkpoints(directory, config.checkpoint.keep, read_only=True)
+  try:
+    restored = ckpts.restore_latest(abstract_state, at_most)
+    steps = ckpts.steps()
+  finally:
+    ckpts.close()
+  if restored is None or (at_most is not None and restored[0] != at_most):
+    raise ConfigError(f"--step={step_flag}: no usable checkpoint at that step in {directory}"
+                      f" (saved steps: {steps})")
+  step, state, _ = restored
+  results = measure.Measure(config.curvature, model, splits, mesh, config.seed)(
+      state, step, density=density)
+  spectrum = results.pop("curvature/density", None)
+  out = os.path.join(workdir, f"curvature_{step}.json")
+  write_json(out, {"step": step, **results})
+  if spectrum:
+    np.savez(os.path.join(workdir, f"density_{step}.npz"), **spectrum)
+  print(json.dumps(results, indent=1))
+  print(f"wrote {out}")
+  return results
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # Orbax logs every file it reads at INFO
+  try:
+    measure_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.density)
+  except ConfigError as error:  # bad input: one line naming the flag and the fix
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: scaling.main defines --workdir too.
+  flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
+  flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
+  flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
