@@ -40,7 +40,8 @@ REPORT_DIR = "report"
 # flagged unconverged: an exact eigenvalue lies within the residual, so below it lambda is within
 # 1% of one.
 EIGEN_RESIDUAL_LIMIT = 0.01
-PENDING = ("running", "preempted")
+# Not results yet: a failed trial is retried by the next run of the sweep.
+PENDING = ("running", "preempted", "failed")
 # Sweep axes that are not tuned settings: the batch size, seeds, and what defines a group.
 NOT_TUNED = ("batch_size", "seed", "lr_rule", "lr_power", "optimizer.name", "model.name",
              "dataset.name")
@@ -613,7 +614,7 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-co
 
 def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   h = html.escape
-  status = {**dict.fromkeys(("done", "diverged", "running", "preempted"), 0),
+  status = {**dict.fromkeys(("done", "diverged", "running", "preempted", "failed"), 0),
             **collections.Counter(t.status for t in trials)}
   tgt = ", ".join(sorted({f"{t.target_metric} < {t.target_value:g}" for t in trials})) or "?"
   key = [dict(group=f["group"], b_crit=_pm(f["b_crit"], f["b_crit_err"]),

@@ -198,16 +198,19 @@ def test_partial_sweep_report(tmp_path):
   preempted, _ = write_trial(tmp_path, 128, seed=3, status="preempted", stop_frac=0.2)
   just_started, _ = write_trial(tmp_path, 32, summary=False)
   open(os.path.join(tmp_path, "trials", just_started, "metrics.jsonl"), "w").close()
+  # A crashed trial is retried by a rerun: not a result, so its batch size is pending.
+  failed, _ = write_trial(tmp_path, 2048, seed=4, status="failed", stop_frac=0.2)
 
   trials = {t.trial_id: t for t in report.load_trials(str(tmp_path))}
-  assert len(trials) == 7
+  assert len(trials) == 8
   assert trials[running].status == "running" and trials[diverged].status == "diverged"
   assert math.isnan(trials[diverged].final["train/loss"])
   rows = {r["batch_size"]: r for r in report.best_per_batch(list(trials.values()))}
   assert rows[4096]["outcome"] == "pending" and rows[8192]["outcome"] == "not reached"
+  assert rows[2048]["outcome"] == "pending"
 
   text = check_report(tmp_path)
-  for tid in (running, diverged, preempted):
+  for tid in (running, diverged, preempted, failed):
     assert tid in text
   assert "diverged" in text and "running" in text
   pngs = {n for n in os.listdir(os.path.join(tmp_path, "report")) if n.endswith(".png")}
