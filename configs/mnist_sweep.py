@@ -28,6 +28,10 @@ import ml_collections
 from configs import mnist
 
 BATCH_SIZES = tuple(2**k for k in range(4, 14))   # 16 .. 8192
+# The centre of each batch size's LR grid: the best LR of a pilot sweep (power-0.25 rule x
+# multipliers 0.5..4, 2 seeds, same protocol), whose optimum sat at the top of its grid for
+# B = 128..4096 and at the bottom for B = 16. The grid 0.5x, 1x, 2x around it moves with B.
+LR_CENTRES = (0.018, 0.042, 0.06, 0.12, 0.14, 0.2, 0.24, 0.28, 0.28, 0.28)
 
 
 def step_cap(batch_size):
@@ -37,8 +41,8 @@ def step_cap(batch_size):
 def get_config():
   c = mnist.get_config()
   c.model.name, c.model.widths = "mlp", (128, 128)
-  c.base_lr, c.reference_batch_size = 0.03, 128
-  c.lr_rule, c.lr_power = "power", 0.25
+  c.base_lr, c.reference_batch_size = 0.12, 128
+  c.lr_rule = "none"               # lr = base_lr (per batch size, below) x lr_multiplier
   c.decay.name = "constant"
   c.warmup.length, c.warmup.unit = 20.0, "steps"
   c.budget.unit = "steps"          # a cap: training stops at the target
@@ -48,9 +52,10 @@ def get_config():
   c.chunk_steps, c.chunk_unroll = 8, False   # divides every eval interval: one compilation
   c.grad_groups = 2                # B/2 small batches for the noise scale B_simple
   c.checkpoint.every_steps = 100_000         # trials are short: checkpoint at the end only
-  c.sweep = ml_collections.ConfigDict(dict(lr_multiplier=(1.0, 2.0, 4.0), seed=(0, 1)))
+  c.sweep = ml_collections.ConfigDict(dict(lr_multiplier=(0.5, 1.0, 2.0), seed=(0, 1)))
   c.sweep_zip = ml_collections.ConfigDict(dict(
       batch_size=BATCH_SIZES,
+      base_lr=LR_CENTRES,
       budget=dict(length=tuple(float(step_cap(b)) for b in BATCH_SIZES)),
       eval_every=dict(length=(80.0, 40.0, 24.0, 16.0, 8.0, 8.0, 4.0, 4.0, 4.0, 4.0)),
   ))
