@@ -41,6 +41,10 @@ SETUP = (f"cd {shlex.quote(REPO)} && export JAX_PLATFORMS=cpu"
 CLUSTER_FLAGS = [f"--config.cluster.python={sys.executable}", f"--config.cluster.setup={SETUP}",
                  "--config.cluster.cpus_per_task=1", "--config.cluster.time=00:15:00",
                  "--config.cluster.signal_seconds=60"]
+# Four trials of the tiny sweep (bs 32, 64 x two LR multipliers, one seed), each run to its full
+# step budget so that every trial ends at total_steps.
+FOUR_TRIALS = ("--config.sweep.batch_size=(32, 64)", "--config.sweep.lr_multiplier=(0.5, 2.0)",
+               "--config.sweep.seed=(0,)", "--config.target.stop_at_target=False")
 
 
 def _which(name):
@@ -145,8 +149,8 @@ def read_json(path):
 
 def test_array_of_the_tiny_sweep_two_at_a_time(slurm, tmp_path):
   workdir = str(tmp_path / "sweep")
-  job, out = submit(slurm, "configs/mnist_sweep_tiny.py", workdir,
-                    "--config.sweep.batch_size=(32, 64)", "--config.cluster.max_running=2")
+  job, out = submit(slurm, "configs/mnist_sweep_tiny.py", workdir, *FOUR_TRIALS,
+                    "--config.cluster.max_running=2")
   assert "#SBATCH --array=0-3%2" in out
   states, most_running = wait_for_job(slurm, job, workdir)
   assert sorted(states) == [f"{job}_{i}" for i in range(4)], states
@@ -154,8 +158,8 @@ def test_array_of_the_tiny_sweep_two_at_a_time(slurm, tmp_path):
   assert most_running == 2   # the node has room for more: the array's %2 held them back
 
   ids = [t["id"] for t in read_json(os.path.join(workdir, "sweep.json"))["trials"]]
-  assert ids == ["bs=32,lr_rule=linear", "bs=32,lr_rule=sqrt", "bs=64,lr_rule=linear",
-                 "bs=64,lr_rule=sqrt"]
+  assert ids == ["bs=32,lr_multiplier=0.5,seed=0", "bs=32,lr_multiplier=2,seed=0",
+                 "bs=64,lr_multiplier=0.5,seed=0", "bs=64,lr_multiplier=2,seed=0"]
   with open(os.path.join(workdir, "sweep.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["id"], r["status"]) for r in rows] == [(i, "done") for i in ids]
@@ -177,8 +181,7 @@ def test_array_of_the_tiny_sweep_two_at_a_time(slurm, tmp_path):
   assert lines[-1] == "4 trials: 4 done"
 
   again = run([sys.executable, "-m", "scaling.launch", "--config=configs/mnist_sweep_tiny.py",
-               f"--workdir={workdir}", "--submit", *CLUSTER_FLAGS,
-               "--config.sweep.batch_size=(32, 64)"], slurm)
+               f"--workdir={workdir}", "--submit", *CLUSTER_FLAGS, *FOUR_TRIALS], slurm)
   assert again.strip() == f"all 4 trial(s) in {workdir} are done or diverged: nothing to submit"
 
 
@@ -209,10 +212,11 @@ def test_two_task_srun_trial_matches_one_process(slurm, tmp_path):
 
 def test_sigterm_preempts_a_trial_and_the_requeued_task_finishes_it(slurm, tmp_path):
   workdir = str(tmp_path / "sweep")
-  trial = os.path.join(workdir, "trials", "bs=16,lr_rule=linear")
+  trial = os.path.join(workdir, "trials", "bs=16,lr_multiplier=0.5,seed=0")
   job, _ = submit(slurm, "configs/mnist_sweep_tiny.py", workdir, "--config.sweep.batch_size=(16,)",
-                  "--config.sweep.lr_rule=('linear',)", "--config.budget.length=100",
-                  "--config.eval_every.length=5")
+                  "--config.sweep.lr_multiplier=(0.5,)", "--config.sweep.seed=(0,)",
+                  "--config.target.stop_at_target=False", "--config.budget.length=2575",
+                  "--config.eval_every.length=125", "--config.checkpoint.every_steps=50")
   task = f"{job}_0"
   # The trial's SIGTERM handler is in place once it writes a checkpoint (step 125 of 2,575).
   # Freeze it there (SIGSTOP) so that the SIGTERM lands mid-training however fast this machine

@@ -21,11 +21,11 @@ def test_expansion_order_ids_and_directories(tmp_path):
   trials = sweep.expand(mnist_sweep.get_config(), str(tmp_path))
   assert len(trials) == 60
   assert [t.id for t in trials[:3]] == [
-      "lr_multiplier=1,seed=0,bs=16,budget.length=5101,eval_every.length=80",
-      "lr_multiplier=1,seed=0,bs=32,budget.length=2701,eval_every.length=40",
-      "lr_multiplier=1,seed=0,bs=64,budget.length=1501,eval_every.length=24"]
+      "lr_multiplier=0.5,seed=0,base_lr=0.018,bs=16,budget.length=5101,eval_every.length=80",
+      "lr_multiplier=0.5,seed=0,base_lr=0.042,bs=32,budget.length=2701,eval_every.length=40",
+      "lr_multiplier=0.5,seed=0,base_lr=0.06,bs=64,budget.length=1501,eval_every.length=24"]
   assert trials[5].config.batch_size == 512 and trials[5].overrides == {
-      "lr_multiplier": 1.0, "seed": 0, "batch_size": 512, "budget.length": 451.0,
+      "lr_multiplier": 0.5, "seed": 0, "base_lr": 0.2, "batch_size": 512, "budget.length": 451.0,
       "eval_every.length": 8.0}
   assert trials[5].directory == os.path.join(str(tmp_path), "trials", trials[5].id)
   # Expanding again gives the same index -> trial mapping (what a cluster array job relies on).
@@ -85,7 +85,7 @@ def test_warmup_longer_than_run_is_rejected(tmp_path):
 
 def test_trial_selection_by_index_and_id(tmp_path):
   trials = sweep.expand(mnist_sweep.get_config(), str(tmp_path))
-  seventh = "lr_multiplier=1,seed=0,bs=2048,budget.length=338,eval_every.length=4"
+  seventh = "lr_multiplier=0.5,seed=0,base_lr=0.28,bs=2048,budget.length=338,eval_every.length=4"
   assert sweep.select(trials, "7")[0].id == seventh
   assert sweep.select(trials, seventh)[0].index == 7
   with pytest.raises(ConfigError, match="--trial=99 matches no trial"):
