@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling import curvature as cv
+from scaling import noise_scale as ns
 from scaling.models import MLP, SimpleCNN, parameter_count
 
 
@@ -45,7 +46,7 @@ def bench(name, model, batch_size, repeats, unroll, rolled_probe):
   def group_stats(p, x, y):  # what the training step does for the noise scale
     grads_GxP = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(
         p, x.reshape(groups, -1, *x.shape[1:]), y.reshape(groups, -1))
-    return cv.group_grad_stats(grads_GxP)
+    return ns.group_grad_stats(grads_GxP)
 
   probes = lambda num, unroll: metric(
       lambda f, p, v: cv.hutchinson_probes(f, p, key, 0, num, unroll=unroll))

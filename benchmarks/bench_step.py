@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scaling import curvature, sharding, step as steplib
+from scaling import noise_scale, sharding, step as steplib
 from scaling.models import MLP, SimpleCNN, parameter_count
 
 
@@ -106,7 +106,7 @@ def bench(name, model, batch_size, groups, scan_steps, repeats):
 
   def stats(grads_per_group):
     mean = jax.tree.map(lambda *gs: sum(gs) / groups, *grads_per_group)
-    return mean, sum(map(curvature.sq_norm, grads_per_group)) / groups
+    return mean, sum(map(noise_scale.sq_norm, grads_per_group)) / groups
 
   def stacked_stats(g_G, mean_over_axis):
     """Stacked [G, ...] group gradients -> the same two statistics. `g.mean(0)` is the obvious

@@ -31,6 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from scaling import metrics
+from scaling.config import ConfigError
 
 # The train state is small and replicated. Orbax's default replica-parallel save has every device
 # write a slice of each array, which compiles a slicing op per array and device (~7 s before the
@@ -173,3 +174,38 @@ class Checkpoints:
       self.wait()
     finally:
       self._manager.close()
+
+
+RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
+                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = ()) -> None:
+  """Refuses to resume (or rerun) a trial directory written by a different run (batch size, LR,
+  model, ...); `ignore` adds fields to RESUME_MAY_CHANGE (e.g. `derived`, when comparing configs
+  before a plan is made)."""
+  if not os.path.exists(config_path):
+    return
+  with open(config_path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(resolved)
+  may_change = RESUME_MAY_CHANGE + tuple(ignore)
+  allowed = lambda key: any(key == p or key.startswith(p + ".") for p in may_change)
+  changed = sorted(k for k in set(saved) | set(current)
+                   if not allowed(k) and saved.get(k) != current.get(k))
+  if changed:
+    key = changed[0]
+    raise ConfigError(
+        f"{os.path.dirname(config_path)} holds a different run: {key} was "
+        f"{saved.get(key)!r}, now {current.get(key)!r} ({len(changed)} field(s) differ); "
+        "use a new --workdir or restore the original config")

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scaling import curvature, sharding
+from scaling import noise_scale, sharding
 from scaling.config import ConfigError
 
 
@@ -174,7 +174,7 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
       for x_bxX, y_b in zip(jnp.split(images_SxX, per_scan_step),
                             jnp.split(labels_S, per_scan_step)):
         (loss, (stats, accuracy)), grads = grad_fn(params, batch_stats, x_bxX, y_b)
-        sums = _add(sums, {"grad": grads, "grad_sq": curvature.sq_norm(grads), "loss": loss,
+        sums = _add(sums, {"grad": grads, "grad_sq": noise_scale.sq_norm(grads), "loss": loss,
                            "accuracy": accuracy, "batch_stats": stats})
       return sums
 
@@ -196,7 +196,7 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
           zeros, jnp.arange(mb.accumulation_steps))
     # check_vma=False below: everything stays per-device until this explicit all-reduce.
     sums = jax.lax.psum(sums, axis)
-    grads, small_grad_sq, big_grad_sq = curvature.finish_group_grad_stats(
+    grads, small_grad_sq, big_grad_sq = noise_scale.finish_group_grad_stats(
         sums["grad"], sums["grad_sq"], mb.groups)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -206,7 +206,7 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
                                    batch_stats)
     metrics = {"train/loss": mean(sums["loss"]), "train/accuracy": mean(sums["accuracy"]),
                "grad_norm": jnp.sqrt(big_grad_sq),
-               "param_norm": jnp.sqrt(curvature.sq_norm(new_params)),
+               "param_norm": jnp.sqrt(noise_scale.sq_norm(new_params)),
                "noise/small_grad_sq": small_grad_sq, "noise/big_grad_sq": big_grad_sq}
     return new_params, new_batch_stats, opt_state, metrics
 

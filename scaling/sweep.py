@@ -32,7 +32,7 @@ import urllib.parse
 
 import jax
 
-from scaling import metrics, schedule, sharding, train
+from scaling import checkpoint, metrics, schedule, sharding, train
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -175,7 +175,7 @@ def check_finished_unchanged(trial: Trial) -> None:
   """A finished trial rerun with another config is refused (its results would be relabelled)."""
   current = json.loads(trial.config.to_json_best_effort())
   current.update(trial_id=trial.id, sweep_axes=json.loads(json.dumps(trial.overrides)))
-  train.check_same_run(os.path.join(trial.directory, "config.json"), current, ignore=("derived",))
+  checkpoint.check_same_run(os.path.join(trial.directory, "config.json"), current, ignore=("derived",))
 
 
 def record_failure(trial: Trial, error: Exception) -> dict:

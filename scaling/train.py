@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import checkpoint, curvature, data, models, schedule, sharding, step as steplib
+from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
-from scaling import resources
+from scaling import bookkeeping, resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
@@ -122,10 +122,6 @@ def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: i
   return resolved
 
 
-def target_reached(value: float, target_value: float) -> bool:
-  return math.isfinite(value) and value < target_value   # Shallue et al.: strictly better
-
-
 def build(config, splits, mesh):
   """(plan, model, learning-rate schedule, optimizer) of a trial: everything its state depends on."""
   plan = check_config(config, len(splits.train_labels), mesh.size)
@@ -167,16 +163,16 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
                                  asynchronous=config.checkpoint.asynchronous)
   restored = None
   if ckpts.steps():
-    check_same_run(os.path.join(workdir, "config.json"), resolved)
+    checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
     restored = ckpts.restore_latest(abstract_state)
   if restored:
     step, state, book = restored
     # Fields added since the checkpoint was written start at their defaults.
-    book = {**new_bookkeeping(config), **book, "status": "running"}
+    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
     print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
           flush=True)
   else:
-    step, book = 0, new_bookkeeping(config)
+    step, book = 0, bookkeeping.new_bookkeeping(config)
     state = jax.jit(init, out_shardings=state_sharding)(rng)
   # Records past the restored step are rewritten by this run (all of them when starting afresh).
   metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
@@ -276,114 +272,9 @@ class LoopSpec:
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
 # The noise-scale groups follow the device count (derived.microbatching); the estimators stay
 # unbiased.
-RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = ()) -> None:
-  """Refuses to resume (or rerun) a trial directory written by a different run (batch size, LR,
-  model, ...); `ignore` adds fields to RESUME_MAY_CHANGE (e.g. `derived`, when comparing configs
-  before a plan is made)."""
-  if not os.path.exists(config_path):
-    return
-  with open(config_path) as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(resolved)
-  may_change = RESUME_MAY_CHANGE + tuple(ignore)
-  allowed = lambda key: any(key == p or key.startswith(p + ".") for p in may_change)
-  changed = sorted(k for k in set(saved) | set(current)
-                   if not allowed(k) and saved.get(k) != current.get(k))
-  if changed:
-    key = changed[0]
-    raise ConfigError(
-        f"{os.path.dirname(config_path)} holds a different run: {key} was "
-        f"{saved.get(key)!r}, now {current.get(key)!r} ({len(changed)} field(s) differ); "
-        "use a new --workdir or restore the original config")
-
-
 def _crossed(step: int, previous: int, every: int) -> bool:
   """True at the first eval boundary at or after each multiple of `every` (0 = never)."""
   return every > 0 and step // every > previous // every
-
-
-def new_bookkeeping(config) -> dict:
-  """The loop's running record; saved in every checkpoint so that a resume continues it exactly."""
-  return {
-      "status": "running", "elapsed": 0.0, "diverged_at_step": None, "diverged_reason": None,
-      "initial_loss": None,   # the first step's training loss: the divergence threshold's unit
-      "target": {"metric": config.target.metric, "value": config.target.value,
-                 "reached": False, "step": None, "examples": None,
-                 "stop_at_target": config.target.stop_at_target},
-      "best": {}, "last_eval": {}, "last_train": {}, "curvature": {}, "last_curvature_step": 0,
-      "last_checkpoint_step": 0,
-      # Running sums of the train metrics since the last log record.
-      "window": {"steps": 0, "sums": {}},
-      # Bias-corrected EMAs of the noise-scale estimators' numerator and denominator.
-      "noise": {"g_sq": 0.0, "trace_sigma": 0.0, "weight": 0.0},
-  }
-
-
-def _noise_metrics(noise: dict) -> dict:
-  """Bias-corrected EMAs -> |G|^2, tr(Sigma) and B_simple (McCandlish et al. 2018)."""
-  if not noise["weight"] or not noise["g_sq"]:
-    return {}
-  g_sq, trace_sigma, b_simple = curvature.noise_scale(curvature.NoiseScaleEMA(**noise))
-  return {"noise/grad_sq": g_sq, "noise/trace_sigma": trace_sigma, "noise/b_simple": b_simple}
-
-
-def _log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
-               spec: LoopSpec):
-  """Folds `count` per-step metrics into the window; writes a record every log_every_steps."""
-  window = book["window"]
-  for i in range(count):
-    done = first_step + i + 1
-    if spec.noise_sizes:
-      # Host floats: the EMA is part of the checkpointed bookkeeping (exact resume).
-      book["noise"] = curvature.noise_scale_update(
-          curvature.NoiseScaleEMA(**book["noise"]), float(metrics_K["noise/small_grad_sq"][i]),
-          float(metrics_K["noise/big_grad_sq"][i]), *spec.noise_sizes,
-          decay=spec.noise_ema_decay)._asdict()
-    for key in ("train/loss", "train/accuracy", "grad_norm"):
-      window["sums"][key] = window["sums"].get(key, 0.0) + float(metrics_K[key][i])
-    window["steps"] += 1
-    last = done == spec.total_steps or (diverged and i == count - 1)
-    if done % spec.log_every_steps and not last:
-      continue
-    record = {k: v / window["steps"] for k, v in window["sums"].items()}
-    record.update(lr=float(metrics_K["lr"][i]), param_norm=float(metrics_K["param_norm"][i]),
-                  examples_per_sec=examples_per_sec, **_noise_metrics(book["noise"]))
-    writer.write(done, record)
-    book["last_train"] = {k: record[k] for k in ("train/loss", "train/accuracy")}
-    window = book["window"] = {"steps": 0, "sums": {}}
-
-
-def first_divergence(losses_K: np.ndarray, first_step: int, initial_loss: float,
-                     loss_multiple: float) -> tuple[int, str] | None:
-  """(index into losses_K, why) of the first step whose training loss is non-finite or above
-  `loss_multiple` x the initial loss (0 = that test off); None if every step is healthy.
-
-  Step k's loss is measured before its update, on its batch. A multiple, not an absolute value:
-  the initial loss is ~ln(classes) for any data set and model, and the multiple says "exploded"."""
-  limit = loss_multiple * initial_loss if loss_multiple else math.inf
-  bad = np.flatnonzero(~np.isfinite(losses_K) | (losses_K > limit))
-  if not bad.size:
-    return None
-  i = int(bad[0])
-  loss = float(losses_K[i])
-  if not math.isfinite(loss):
-    return i, f"train/loss is {loss} at step {first_step + i}"
-  return i, (f"train/loss {loss:.4g} at step {first_step + i} exceeds divergence.loss_multiple="
-             f"{loss_multiple:g} x the initial loss {initial_loss:.4g}")
 
 
 class _StopRequest:
@@ -417,39 +308,6 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
-def _summary(book: dict, step: int, batch_size: int, tokens_per_example: int,
-             cost: resources.ChunkCost) -> dict:
-  tokens = {"tokens": step * batch_size * tokens_per_example} if tokens_per_example else {}
-  target = book["target"]
-  return {
-      "status": book["status"], "step": step, "examples": step * batch_size, **tokens,
-      "step_cap": book["step_cap"], **cost.summary(),
-      "stop_reason": resources.stop_reason(book["status"], target["reached"],
-                                           target.get("stop_at_target", False)),
-      "wall_time": book["elapsed"], "diverged_at_step": book["diverged_at_step"],
-      "diverged_reason": book["diverged_reason"],
-      "target": book["target"], "final": {**book["last_train"], **book["last_eval"]}, "best": book["best"],
-      "noise": _noise_metrics(book["noise"]), "curvature": book["curvature"],
-  }
-
-
-def _record_eval(book: dict, step: int, batch_size: int, results: dict,
-                 tokens_per_example: int) -> bool:
-  """Folds an evaluation into the bookkeeping; True when it is the first to reach the target."""
-  book["last_eval"] = dict(results)
-  for key in ("valid/error", "test/error", "valid/bpc", "test/bpc"):
-    if key in results:
-      book["best"][key] = min(book["best"].get(key, math.inf), results[key])
-  target = book["target"]
-  value = results.get(target["metric"])
-  if not target["reached"] and value is not None and target_reached(value, target["value"]):
-    target.update(reached=True, step=step, examples=step * batch_size)
-    if tokens_per_example:
-      target["tokens"] = step * batch_size * tokens_per_example
-    return True
-  return False
-
-
 def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
@@ -468,7 +326,7 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
     if step == 0 and spec.eval_at_start:
       results = evaluate(state)
       writer.write(0, results)
-      _record_eval(book, 0, B, results, T)
+      bookkeeping.record_eval(book, 0, B, results, T)
     while step < spec.total_steps and book["status"] == "running":
       # Dispatch the chunks up to the next evaluation, then fetch their metrics in one go. At
       # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
@@ -492,10 +350,10 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
         rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
         if book["initial_loss"] is None:
           book["initial_loss"] = float(metrics_K["train/loss"][0])
-        diverged = first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
+        diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
                                     spec.loss_multiple)
         count = diverged[0] + 1 if diverged else n
-        _log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
+        bookkeeping.log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
                    examples_per_sec=rate, spec=spec)
         if diverged:  # a result, not a crash: record where and why, keep the sweep going
           book.update(status="diverged", diverged_at_step=step + diverged[0],
@@ -506,9 +364,9 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
       if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
         results = evaluate(state)
         writer.write(step, results)
-        newly_reached = _record_eval(book, step, B, results, T)
+        newly_reached = bookkeeping.record_eval(book, step, B, results, T)
         if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
-          book["target"]["at"] = {"wall_time": writer.elapsed(), **_noise_metrics(book["noise"])}
+          book["target"]["at"] = {"wall_time": writer.elapsed(), **bookkeeping.noise_metrics(book["noise"])}
         if spec.stop_at_target and book["target"]["reached"]:
           book["status"] = "done"
         finishing = step == spec.total_steps or book["status"] == "done"
@@ -527,7 +385,7 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
           save(state, step)
         book["elapsed"] = writer.elapsed()
         writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-        write_json(summary_path, _summary(book, step, B, T, chunk_fn))
+        write_json(summary_path, bookkeeping.summary(book, step, B, T, chunk_fn))
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if ((stopping or stop.requested(step)) and book["status"] == "running"
           and step < spec.total_steps):
@@ -541,7 +399,7 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
     ckpts.wait()
     book["elapsed"] = writer.elapsed()
     writer.close()
-    summary = _summary(book, step, B, T, chunk_fn)
+    summary = bookkeeping.summary(book, step, B, T, chunk_fn)
     write_json(summary_path, summary)
   if book["status"] == "preempted":
     print(f"stopped by signal {stop.signal} at step {step}: checkpoint saved, rerun to resume",

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import mnist
-from scaling import checkpoint, sharding, sweep, train
+from scaling import checkpoint, sharding, sweep
 from scaling.config import ConfigError
 from tests import agree
 from tests.tiny import tiny_config
@@ -234,10 +234,10 @@ def test_a_different_run_is_refused_but_harmless_fields_may_change(reference, tm
   harmless["checkpoint"]["every_steps"] = 7
   harmless["dataset"]["data_dir"] = "/elsewhere"
   harmless["derived"]["num_devices"] = 1
-  train.check_same_run(os.path.join(workdir, "config.json"), harmless)
+  checkpoint.check_same_run(os.path.join(workdir, "config.json"), harmless)
   for field, value in (("base_lr", 0.1), ("model", {**saved["model"], "widths": [64]})):
     with pytest.raises(ConfigError, match=field):
-      train.check_same_run(os.path.join(workdir, "config.json"), {**saved, field: value})
+      checkpoint.check_same_run(os.path.join(workdir, "config.json"), {**saved, field: value})
 
 
 # The Checkpoints class on its own, with a small state (no training).

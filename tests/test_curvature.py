@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
 from scaling import curvature as cv
+from scaling import noise_scale as ns
 
 NUM_EXAMPLES = 256
 
@@ -268,16 +269,16 @@ def test_noise_scale_algebra_recovers_both_exactly():
     trace_T = rng.uniform(10, 2000, steps)
     small_T, big_T = g_sq_T + trace_T / b_small, g_sq_T + trace_T / b_big
     # Condition number of the |G|^2 estimate: (B L + b S) / ((B - b) |G|^2) < 1e3 here.
-    g_sq, trace = cv.noise_scale_estimates(jnp.asarray(small_T), jnp.asarray(big_T), b_small, b_big)
+    g_sq, trace = ns.noise_scale_estimates(jnp.asarray(small_T), jnp.asarray(big_T), b_small, b_big)
     np.testing.assert_allclose(g_sq, g_sq_T, rtol=1e-11)
     np.testing.assert_allclose(trace, trace_T, rtol=1e-13)
 
-    state = cv.noise_scale_init(jnp.float64)
+    state = ns.noise_scale_init(jnp.float64)
     for small, big in zip(small_T, big_T):
-      state = cv.noise_scale_update(state, small, big, b_small, b_big, decay=decay)
+      state = ns.noise_scale_update(state, small, big, b_small, b_big, decay=decay)
     weights_T = (1 - decay) * decay ** np.arange(steps)[::-1]
     ema = lambda x_T: np.sum(weights_T * x_T) / np.sum(weights_T)
-    ema_g_sq, ema_trace, b_simple = cv.noise_scale(state)
+    ema_g_sq, ema_trace, b_simple = ns.noise_scale(state)
     np.testing.assert_allclose(ema_g_sq, ema(g_sq_T), rtol=1e-11)
     np.testing.assert_allclose(ema_trace, ema(trace_T), rtol=1e-13)
     np.testing.assert_allclose(b_simple, ema(trace_T) / ema(g_sq_T), rtol=1e-11)
@@ -306,12 +307,12 @@ def test_noise_scale_estimators_match_per_example_ground_truth(problem, f64):
     def one(key):
       idx_GxS = jax.random.randint(key, (groups, b_small), 0, NUM_EXAMPLES)
       # A group's gradient of the mean loss is the mean of its examples' gradients.
-      _, g_small_sq, g_big_sq = cv.group_grad_stats(grads_NxP[idx_GxS].mean(1))
+      _, g_small_sq, g_big_sq = ns.group_grad_stats(grads_NxP[idx_GxS].mean(1))
       return g_small_sq, g_big_sq
     return jax.lax.map(one, jax.random.split(key, num_draws), batch_size=100)
 
   small_D, big_D = draws(jax.random.key(4))
-  g_sq_D, trace_D = cv.noise_scale_estimates(small_D, big_D, b_small, b_big)
+  g_sq_D, trace_D = ns.noise_scale_estimates(small_D, big_D, b_small, b_big)
   wrong_g_sq_D = (b_big * big_D - b_small * small_D) / b_big
   wrong_trace_D = (small_D - big_D) * b_small
   se = lambda x_D: float(np.std(x_D, ddof=1) / np.sqrt(num_draws))
@@ -322,7 +323,7 @@ def test_noise_scale_estimators_match_per_example_ground_truth(problem, f64):
   # The groups' mean gradient is the big batch's gradient (group_grad_stats' first output).
   idx_GxS = jax.random.randint(jax.random.key(5), (groups, b_small), 0, NUM_EXAMPLES)
   grads_GxP = jax.vmap(jax.grad(_loss), in_axes=(None, 0, 0))(params, x[idx_GxS], y[idx_GxS])
-  mean_grad, _, _ = cv.group_grad_stats(grads_GxP)
+  mean_grad, _, _ = ns.group_grad_stats(grads_GxP)
   full = jax.grad(_loss)(params, x[idx_GxS.reshape(-1)], y[idx_GxS.reshape(-1)])
   np.testing.assert_allclose(ravel(mean_grad), ravel(full), rtol=1e-10, atol=1e-14)
 

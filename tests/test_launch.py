@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import launch, status, train
+from scaling import checkpoint, launch, status, train
 from scaling.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +201,7 @@ def test_changing_the_cluster_section_does_not_block_a_resume(tmp_path):
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
   config.cluster.time, config.cluster.nodes = "2-00:00:00", 2
-  train.check_same_run(str(tmp_path / "config.json"), json.loads(config.to_json_best_effort()))
+  checkpoint.check_same_run(str(tmp_path / "config.json"), json.loads(config.to_json_best_effort()))
 
 
 # The status view: a workdir written by hand, every state a trial can be in.

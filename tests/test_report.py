@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from scaling import report
+from scaling import report, results, study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S_MIN, B_CRIT, TARGET, EVAL_EVERY = 1000.0, 512.0, 0.01, 10
@@ -120,11 +120,11 @@ def sweep(tmp_path_factory):
   never, _ = write_trial(root, 16384, reach=False)
   with open(os.path.join(root, "sweep.json"), "w") as f:
     json.dump({"base": {"lr_rule": "sqrt"}, "axes": {"batch_size": "16..16384", "seed": [0, 1]}}, f)
-  return root, steps, never, report.load_trials(str(root))
+  return root, steps, never, results.load_trials(str(root))
 
 
 def test_fit_recovers_known_critical_batch(sweep):
-  fits = report.fit_table(report.best_per_batch(sweep[3]))
+  fits = study.fit_table(study.best_per_batch(sweep[3]))
   assert len(fits) == 1
   fit = fits[0]
   assert fit["n_points"] == 10
@@ -139,17 +139,17 @@ def test_fit_recovers_known_critical_batch(sweep):
 
 def test_fit_function_directly():
   b = np.array([32, 64, 128, 256, 1024, 4096])
-  fit = report.fit_critical_batch(b, true_steps(b))
+  fit = study.fit_critical_batch(b, true_steps(b))
   assert fit["s_min"] == pytest.approx(S_MIN) and fit["b_crit"] == pytest.approx(B_CRIT)
-  two = report.fit_critical_batch([64, 128], true_steps(np.array([64, 128])))
+  two = study.fit_critical_batch([64, 128], true_steps(np.array([64, 128])))
   assert two["b_crit"] == pytest.approx(B_CRIT) and math.isnan(two["b_crit_err"])
-  one = report.fit_critical_batch([64, 64], [900, 1000])
+  one = study.fit_critical_batch([64, 64], [900, 1000])
   assert math.isnan(one["b_crit"]) and "2 distinct" in one["note"]
 
 
 def test_best_per_batch_takes_median_over_seeds_and_reports_not_reached(sweep):
   _, steps, never, trials = sweep
-  rows = {r["batch_size"]: r for r in report.best_per_batch(trials)}
+  rows = {r["batch_size"]: r for r in study.best_per_batch(trials)}
   for bs in (16, 512, 8192):
     fast, slow = (f"bs={bs},lr_rule=sqrt,seed={s}" for s in (1, 0))
     assert steps[fast] < steps[slow]
@@ -167,12 +167,12 @@ def test_best_per_batch_takes_median_over_seeds_and_reports_not_reached(sweep):
   assert not t.reached
   # Perfect scaling (examples within 1.2x of B=16's): E ~ B + B_crit, so up to B <= 121.
   assert [r["perfect_scaling"] for r in rows.values()][:5] == [True, True, True, False, False]
-  assert report.fit_table(list(rows.values()))[0]["perfect_scaling_up_to"] == 64
+  assert study.fit_table(list(rows.values()))[0]["perfect_scaling_up_to"] == 64
 
 
 def test_steps_to_target_from_metrics_when_summary_lacks_it(tmp_path):
   _, reached_at = write_trial(tmp_path, 256, summary=False)
-  (t,) = report.load_trials(str(tmp_path))
+  (t,) = results.load_trials(str(tmp_path))
   assert t.status == "running" and t.steps_to_target == reached_at
   assert t.steps_to_target == math.ceil((true_steps(256) + 1e-9) / EVAL_EVERY) * EVAL_EVERY
 
@@ -201,11 +201,11 @@ def test_partial_sweep_report(tmp_path):
   # A crashed trial is retried by a rerun: not a result, so its batch size is pending.
   failed, _ = write_trial(tmp_path, 2048, seed=4, status="failed", stop_frac=0.2)
 
-  trials = {t.trial_id: t for t in report.load_trials(str(tmp_path))}
+  trials = {t.trial_id: t for t in results.load_trials(str(tmp_path))}
   assert len(trials) == 8
   assert trials[running].status == "running" and trials[diverged].status == "diverged"
   assert math.isnan(trials[diverged].final["train/loss"])
-  rows = {r["batch_size"]: r for r in report.best_per_batch(list(trials.values()))}
+  rows = {r["batch_size"]: r for r in study.best_per_batch(list(trials.values()))}
   assert rows[4096]["outcome"] == "pending" and rows[8192]["outcome"] == "not reached"
   assert rows[2048]["outcome"] == "pending"
 
@@ -226,7 +226,7 @@ def test_import_does_not_import_jax():
 def test_cli_on_single_trial_workdir_without_curvature(tmp_path):
   """Trial files directly in the workdir; absent noise/curvature data skip plots with a note."""
   write_trial(tmp_path, 128, curvature=False, noise=False, flat=True)
-  (t,) = report.load_trials(str(tmp_path))
+  (t,) = results.load_trials(str(tmp_path))
   assert t.batch_size == 128 and t.reached and t.path == str(tmp_path)
   subprocess.run([sys.executable, "-m", "scaling.report", f"--workdir={tmp_path}"], check=True,
                  cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True)
@@ -238,7 +238,7 @@ def test_cli_on_single_trial_workdir_without_curvature(tmp_path):
                                   "equal_loss.png"}
   assert all(min(read_png_size(os.path.join(out, n))) > 0 for n in pngs)
   assert text.count("Skipped:") == 5 and "2 distinct batch sizes" in text
-  assert report.load_trials(str(tmp_path))[0].trial_id == t.trial_id  # report/ is not a trial
+  assert results.load_trials(str(tmp_path))[0].trial_id == t.trial_id  # report/ is not a trial
 
 
 def test_empty_workdir(tmp_path):
@@ -249,15 +249,15 @@ def test_interpolated_crossing_is_linear_in_log_metric():
   records = [{"step": 100, "valid/error": 0.04}, {"step": 150, "train/loss": 1.0},
              {"step": 200, "valid/error": 0.01}, {"step": 300, "valid/error": 0.005}]
   # log(0.04/0.02) / log(0.04/0.01) = 1/2 of the way from 100 to 200 (linear would give 166.7).
-  assert report.interpolated_crossing(records, "valid/error", 0.02) == pytest.approx(150.0)
-  assert report.interpolated_crossing(records, "valid/error", 0.05) == 100  # first eval: no bracket
-  assert report.interpolated_crossing(records, "valid/error", 0.001) is None
+  assert results.interpolated_crossing(records, "valid/error", 0.02) == pytest.approx(150.0)
+  assert results.interpolated_crossing(records, "valid/error", 0.05) == 100  # first eval: no bracket
+  assert results.interpolated_crossing(records, "valid/error", 0.001) is None
   # Strictly below: 0.01 at step 200 is not, 0.005 at 300 is; the bracket starts at the target.
-  assert report.interpolated_crossing(records, "valid/error", 0.01) == pytest.approx(200.0)
-  assert report.first_below(records, "valid/error", 0.01, 1) == (300, 300)
+  assert results.interpolated_crossing(records, "valid/error", 0.01) == pytest.approx(200.0)
+  assert results.first_below(records, "valid/error", 0.01, 1) == (300, 300)
   nan = [{"step": 10, "valid/error": float("nan")}, {"step": 20, "valid/error": 0.001}]
-  assert report.interpolated_crossing(nan, "valid/error", 0.02) == 20
-  assert report.eval_interval(records, "valid/error") == 100
+  assert results.interpolated_crossing(nan, "valid/error", 0.02) == 20
+  assert results.eval_interval(records, "valid/error") == 100
 
 
 def _grid_sweep(root, slowdowns, batch_sizes, seeds=(0, 1)):
@@ -268,7 +268,7 @@ def _grid_sweep(root, slowdowns, batch_sizes, seeds=(0, 1)):
         factor = slowdowns(bs, mult)
         write_trial(root, bs, seed=seed, mult=mult, slowdown=factor or 1.0, reach=bool(factor),
                     curvature=False, stop_frac=1.1)
-  return report.load_trials(str(root))
+  return results.load_trials(str(root))
 
 
 def test_best_setting_per_batch_edge_flag_and_censoring(tmp_path):
@@ -278,7 +278,7 @@ def test_best_setting_per_batch_edge_flag_and_censoring(tmp_path):
   slow = lambda bs, m: None if bs == 4096 else 1.0 if m == best[bs] else 1.3
   trials = _grid_sweep(tmp_path, slow, (64, 256, 1024, 4096))
   assert {t.setting_key for t in trials} == {json.dumps({"lr_multiplier": m}) for m in (0.5, 1.0, 2.0)}
-  rows = {r["batch_size"]: r for r in report.best_per_batch(trials)}
+  rows = {r["batch_size"]: r for r in study.best_per_batch(trials)}
   for bs, m in best.items():
     assert json.loads(rows[bs]["best_setting"]) == {"lr_multiplier": m}
     assert rows[bs]["lr"] == pytest.approx(0.1 * math.sqrt(bs / 128) * m)
@@ -287,7 +287,7 @@ def test_best_setting_per_batch_edge_flag_and_censoring(tmp_path):
   assert rows[256]["lr_at_edge"] == ""
   assert rows[1024]["lr_at_edge"] == "lr_multiplier=0.5 (bottom of 0.5..2)"
   assert rows[4096]["outcome"] == "not reached" and rows[4096]["steps_to_target"] is None
-  (fit,) = report.fit_table(list(rows.values()), replicates=50)
+  (fit,) = study.fit_table(list(rows.values()), replicates=50)
   assert fit["fitted_batch_sizes"] == "64 256 1024" and fit["censored_batch_sizes"] == "4096"
   assert fit["n_points"] == 3 and fit["lr_at_edge"] == "64 1024"
   assert fit["b_crit"] == pytest.approx(B_CRIT, rel=1e-4)
@@ -297,7 +297,7 @@ def test_ties_go_to_the_lower_final_validation_error(tmp_path):
   for mult, final in ((1.0, 0.004), (2.0, 0.002)):   # same steps to target, 2x lower final error
     for seed in (0, 1):
       write_trial(tmp_path, 256, seed=seed, mult=mult, curvature=False, final_error=final)
-  (row,) = report.best_per_batch(report.load_trials(str(tmp_path)))
+  (row,) = study.best_per_batch(results.load_trials(str(tmp_path)))
   assert json.loads(row["best_setting"]) == {"lr_multiplier": 2.0}
 
 
@@ -307,7 +307,7 @@ def test_a_point_needs_half_its_seeds(tmp_path):
   for seed in (0, 1):
     write_trial(tmp_path, 256, seed=seed, mult=1.0, reach=seed == 0, curvature=False)
     write_trial(tmp_path, 256, seed=seed, mult=2.0, slowdown=1.5, curvature=False)
-  (row,) = report.best_per_batch(report.load_trials(str(tmp_path)))
+  (row,) = study.best_per_batch(results.load_trials(str(tmp_path)))
   assert json.loads(row["best_setting"]) == {"lr_multiplier": 2.0}
   assert row["steps_to_target"] == pytest.approx(1.5 * true_steps(256), abs=0.01)
 
@@ -326,11 +326,11 @@ def test_bootstrap_interval_covers_the_true_critical_batch():
       settings = {k: true_steps(bs) * factor * np.exp(0.1 * rng.standard_normal(3))
                   for k, factor in (("a", 1.0), ("b", 1.4), ("c", 1.8))}
       data.append((int(bs), settings))
-      points.append(min(report.point_steps(v) for v in settings.values()))
-    boot = report.bootstrap_fit(data, replicates=200, seed=int(rng.integers(1 << 30)))
-    lo, hi = np.percentile(boot[:, 2], report.INTERVAL, method="nearest")
+      points.append(min(study.point_steps(v) for v in settings.values()))
+    boot = study.bootstrap_fit(data, replicates=200, seed=int(rng.integers(1 << 30)))
+    lo, hi = np.percentile(boot[:, 2], study.INTERVAL, method="nearest")
     covered += lo <= B_CRIT <= hi
-    fit = report.fit_critical_batch(batch_sizes, points)
+    fit = study.fit_critical_batch(batch_sizes, points)
     width_ratio.append((hi - lo) / (2 * 1.96 * fit["b_crit_err"]))
   assert covered >= 24
   assert 1 / 2.5 < np.median(width_ratio) < 2.5
@@ -341,7 +341,7 @@ def test_bootstrap_least_squares_is_exact_on_noiseless_points():
   normal-equation solution equals the true parameters (to rounding)."""
   data = [(int(bs), {"a": np.full(2, true_steps(bs)), "b": np.full(2, 2 * true_steps(bs))})
           for bs in (32, 128, 512, 2048)]
-  boot = report.bootstrap_fit(data, replicates=100)
+  boot = study.bootstrap_fit(data, replicates=100)
   assert 80 < len(boot) <= 100   # replicates with one distinct batch size are dropped
   np.testing.assert_allclose(boot, np.tile([S_MIN, S_MIN * B_CRIT, B_CRIT], (len(boot), 1)),
                              rtol=1e-9)
@@ -385,7 +385,7 @@ def test_curvature_is_measured_when_the_target_is_first_reached(tmp_path):
   s = train.run(c, str(tmp_path))
   assert s["target"]["reached"] and s["target"]["step"] < 24 and s["stop_reason"] == "budget"
   at = s["target"]["at"]
-  curv = [r for r in report.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  curv = [r for r in results.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
           if "curvature/top_eigenvalue" in r]
   # One measurement at the target's step, one at the end; the summary keeps both apart.
   assert [r["step"] for r in curv] == [s["target"]["step"], 24]

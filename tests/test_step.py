@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from scaling import curvature, sharding, step as steplib
+from scaling import noise_scale, sharding, step as steplib
 from scaling.config import ConfigError
 from scaling.models.mlp import MLP
 from scaling.models.resnet import ResNet
@@ -109,11 +109,11 @@ def test_noise_statistics_match_per_group_truth(num_devices, accumulation):
 def test_squared_norms_are_elementwise_not_dot_products():
   """jnp.vdot/dot at default precision is TF32 on recent GPUs and bf16 passes on TPUs."""
   tree = {"a": jnp.ones((3, 4)), "b": jnp.ones(5)}
-  jaxpr = str(jax.make_jaxpr(curvature.sq_norm)(tree))
-  assert "dot_general" not in jaxpr and float(curvature.sq_norm(tree)) == 17.0
+  jaxpr = str(jax.make_jaxpr(noise_scale.sq_norm)(tree))
+  assert "dot_general" not in jaxpr and float(noise_scale.sq_norm(tree)) == 17.0
   bf16 = {"a": jnp.full((1000,), 1.001, jnp.bfloat16)}   # squares summed in float32, not bf16
-  assert curvature.sq_norm(bf16).dtype == jnp.float32
-  assert float(curvature.sq_norm(bf16)) == pytest.approx(1000 * float(bf16["a"][0]) ** 2, rel=1e-6)
+  assert noise_scale.sq_norm(bf16).dtype == jnp.float32
+  assert float(noise_scale.sq_norm(bf16)) == pytest.approx(1000 * float(bf16["a"][0]) ** 2, rel=1e-6)
 
 
 def _temp_bytes(model, batch, groups, accumulation):

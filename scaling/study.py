@@ -1,0 +1,228 @@
+"""The study protocol over loaded trials: best tuned point per batch size, the critical-batch fit,
+its bootstrap interval. No JAX, no plotting.
+
+- A *point* is (group, batch size, tuned setting), the setting being the trial's sweep axes other
+  than batch size, seed and the group's fields (e.g. lr_multiplier): its steps to target is the
+  median over seeds, a seed that never reached counting as infinite (so a point reaches the target
+  when at least half its seeds do). Per (group, batch size) the point with the fewest steps counts
+  (ties: the lower median final validation error); a best setting at the edge of its grid is flagged.
+- The critical batch size comes from a fit of McCandlish et al. 2018's S = S_min (1 + B_crit / B) to
+  the batch sizes that reached the target (the others are censored: shown, not fitted), with a
+  least-squares standard error and a bootstrap interval (batch sizes resampled, then seeds within
+  each, and the best setting chosen again).
+"""
+import collections
+import math
+
+import numpy as np
+
+
+# Perfect scaling "holds" at batch size B while the examples to target are within this factor of
+# those at the group's smallest batch size (on the perfect-scaling line E is constant).
+PERFECT_SCALING_TOLERANCE = 1.2
+# Not results yet: a failed trial is retried by the next run of the sweep.
+PENDING = ("running", "preempted", "failed")
+BOOTSTRAP_REPLICATES = 1000
+INTERVAL = (2.5, 97.5)   # percentiles: a 95% bootstrap interval
+
+
+def _lstsq(b, s):
+  """(S_min, E_min) minimising the relative residuals of S = S_min + E_min / B; and the design."""
+  x = np.stack([np.ones_like(b), 1.0 / b], axis=1) / s[:, None]
+  return np.linalg.lstsq(x, np.ones_like(s), rcond=None)[0], x
+
+
+def fit_critical_batch(batch_sizes, steps):
+  """Fits S = S_min (1 + B_crit / B) to (B, steps-to-target) points (McCandlish et al. 2018).
+
+  S = S_min + E_min / B is linear in (S_min, E_min = S_min B_crit); least squares on relative
+  residuals (S - model) / S, since steps span decades. Errors: the fit covariance scaled by the
+  residual variance (needs >= 3 points), propagated to B_crit = E_min / S_min.
+  """
+  b = np.asarray(batch_sizes, dtype=float)
+  s = np.asarray(steps, dtype=float)
+  ok = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
+  b, s = b[ok], s[ok]
+  nan = float("nan")
+  out = dict(s_min=nan, s_min_err=nan, e_min=nan, e_min_err=nan, b_crit=nan, b_crit_err=nan,
+             n_points=int(len(b)), note="")
+  if len(np.unique(b)) < 2:
+    out["note"] = "needs >= 2 distinct batch sizes that reached the target"
+    return out
+  coef, x = _lstsq(b, s)
+  s_min, e_min = coef  # np.float64: a zero S_min gives inf, not an exception
+  dof = len(b) - 2
+  resid = np.ones_like(s) - x @ coef
+  cov = np.linalg.pinv(x.T @ x) * float(resid @ resid) / dof if dof > 0 else np.full((2, 2), nan)
+  out["note"] = "" if dof > 0 else "2 points: exact fit, no uncertainty"
+  with np.errstate(divide="ignore", invalid="ignore"):
+    grad = np.array([-e_min / s_min**2, 1.0 / s_min])  # d B_crit / d (S_min, E_min)
+    out.update(s_min=s_min, s_min_err=np.sqrt(abs(cov[0, 0])), e_min=e_min,
+               e_min_err=np.sqrt(abs(cov[1, 1])), b_crit=e_min / s_min,
+               b_crit_err=np.sqrt(abs(grad @ cov @ grad)))
+  out.update({k: float(v) for k, v in out.items() if k not in ("n_points", "note")})
+  if s_min <= 0 or e_min <= 0:
+    out["b_crit"] = out["b_crit_err"] = nan
+    out["note"] = ("S_min <= 0: steps still fall as 1/B at the largest batch size; B_crit is above "
+                   "the measured range" if s_min <= 0 else
+                   "E_min <= 0: steps do not fall with batch size; B_crit is below the measured range")
+  return out
+
+
+def median_of(values):
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.median(values)) if values else None
+
+
+def _seed_steps(ts):
+  """Interpolated steps to target per seed; a seed that never reached counts as infinite."""
+  return np.array([t.steps_interpolated if t.steps_interpolated is not None else np.inf
+                   for t in ts], dtype=float)
+
+
+def point_steps(seed_steps):
+  """A point's steps to target: the median over its seeds (infinite unless half of them reached)."""
+  return float(np.median(seed_steps)) if len(seed_steps) else math.inf
+
+
+def edge_flags(best_setting, settings):
+  """'lr_multiplier=4 (top of 0.25..4)' for each numeric tuned axis whose best value is the
+  smallest or largest tried at this batch size: the optimum was not bracketed."""
+  flags = []
+  for key, value in best_setting.items():
+    tried = sorted({s[key] for s in settings if isinstance(s.get(key), (int, float))})
+    if len(tried) > 1 and isinstance(value, (int, float)) and value in (tried[0], tried[-1]):
+      side = "top" if value == tried[-1] else "bottom"
+      flags.append(f"{key}={value:g} ({side} of {tried[0]:g}..{tried[-1]:g})")
+  return "; ".join(flags)
+
+
+def _select_best(points):
+  """points: [(steps, final valid error, key)] -> the key with the fewest steps (finite), ties
+  broken by the lower final validation error; None if no point reached."""
+  reached = [p for p in points if np.isfinite(p[0])]
+  if not reached:
+    return None
+  return min(reached, key=lambda p: (p[0], p[1] if p[1] is not None else math.inf))[2]
+
+
+def best_per_batch(trials, tolerance=PERFECT_SCALING_TOLERANCE):
+  """One row per (group, batch size): the best point over the tuned settings (Shallue's rule).
+
+  outcome: 'reached'; 'pending' (none reached, some still running or preempted); 'not reached'.
+  steps_to_target: the best point's median over seeds of the interpolated steps; steps_min/max:
+  its spread over seeds; steps_first_eval: the median of the first evaluations below the target.
+  examples_ratio: examples to target / those at the group's smallest batch size that reached it.
+  `_seed_steps` (setting key -> per-seed steps) feeds the bootstrap; it is not written to CSV.
+  """
+  rows = []
+  for group in sorted({t.group for t in trials}):
+    e_ref, holding = None, True
+    for bs in sorted({t.batch_size for t in trials if t.group == group}):
+      ts = [t for t in trials if t.group == group and t.batch_size == bs]
+      by_setting = collections.defaultdict(list)
+      for t in ts:
+        by_setting[t.setting_key].append(t)
+      seed_steps = {k: _seed_steps(v) for k, v in by_setting.items()}
+      best_key = _select_best([
+          (point_steps(seed_steps[k]), median_of(t.final.get("valid/error") for t in v), k)
+          for k, v in by_setting.items()])
+      pending = sum(t.status in PENDING for t in ts)
+      row = dict(group=group, lr_rule=ts[0].lr_rule, optimizer=ts[0].optimizer, batch_size=bs,
+                 n_trials=len(ts), n_reached=sum(t.reached for t in ts),
+                 n_diverged=sum(t.status == "diverged" for t in ts), n_pending=pending,
+                 n_settings=len(by_setting),
+                 outcome="reached" if best_key else "pending" if pending else "not reached",
+                 best_trial=None, best_setting=None, lr=None, lr_at_edge="", n_seeds=None,
+                 steps_to_target=None, steps_min=None, steps_max=None, steps_first_eval=None,
+                 eval_interval=median_of(t.eval_interval for t in ts),
+                 examples_to_target=None, examples_ratio=None, perfect_scaling=False,
+                 b_simple_at_target=None, wall_time_to_target=None, examples_per_sec=None,
+                 compile_seconds=None, peak_memory_bytes=None, _seed_steps=seed_steps)
+      if best_key:
+        best_ts, steps = by_setting[best_key], seed_steps[best_key]
+        median = point_steps(steps)
+        e_ref = e_ref or median * bs
+        holding = holding and median * bs / e_ref <= tolerance
+        reached = [t for t in best_ts if t.reached]
+        row.update(
+            best_trial=min(reached, key=lambda t: abs(t.steps_interpolated - median)).trial_id,
+            best_setting=best_key, lr=median_of(t.lr for t in best_ts), n_seeds=len(best_ts),
+            lr_at_edge=edge_flags(best_ts[0].setting, [v[0].setting for v in by_setting.values()]),
+            steps_to_target=median, steps_min=float(steps.min()), steps_max=float(steps.max()),
+            steps_first_eval=median_of(t.steps_to_target for t in reached),
+            examples_to_target=median * bs, examples_ratio=median * bs / e_ref,
+            perfect_scaling=holding,
+            b_simple_at_target=median_of(t.at_target.get("noise/b_simple") for t in reached),
+            wall_time_to_target=median_of(t.at_target.get("wall_time") for t in reached),
+            **{k: median_of(t.cost.get(k) for t in best_ts)
+               for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes")})
+      holding = holding and (e_ref is None or bool(best_key))
+      rows.append(row)
+  return rows
+
+
+def bootstrap_fit(seed_steps_per_batch, replicates=BOOTSTRAP_REPLICATES, seed=0):
+  """Bootstrap of the critical-batch fit: [(B, {setting: per-seed steps})] -> replicate
+  (s_min, e_min, b_crit) rows. Each replicate resamples the batch sizes, then the seeds of every
+  setting at each, and picks the best setting again (so tuning noise is inside the interval).
+  B_crit is +inf where a replicate's S_min <= 0 (still perfect scaling at the largest B) and 0
+  where E_min <= 0; replicates with < 2 distinct batch sizes that reached are dropped.
+  Vectorized over replicates: the same least squares as fit_critical_batch, by normal equations."""
+  rng = np.random.default_rng(seed)
+  n = len(seed_steps_per_batch)
+  if n < 2:
+    return np.zeros((0, 3))
+  best_RxN = np.empty((replicates, n))   # best point's steps per replicate and batch size
+  for j, (_, settings) in enumerate(seed_steps_per_batch):
+    medians = [np.median(v[rng.integers(0, len(v), (replicates, len(v)))], axis=1)
+               for v in settings.values()]
+    best_RxN[:, j] = np.min(medians, axis=0)
+  pick_RxN = rng.integers(0, n, (replicates, n))
+  b_N = np.array([bs for bs, _ in seed_steps_per_batch], dtype=float)
+  b_RxN, s_RxN = b_N[pick_RxN], np.take_along_axis(best_RxN, pick_RxN, axis=1)
+  ok_RxN = np.isfinite(s_RxN)
+  # Rows x = (1, 1/B) / S, target 1 (relative residuals); zero rows where S is infinite.
+  x0 = np.where(ok_RxN, 1.0 / np.where(ok_RxN, s_RxN, 1.0), 0.0)
+  x1 = x0 / b_RxN
+  a00, a01, a11 = (x0 * x0).sum(1), (x0 * x1).sum(1), (x1 * x1).sum(1)
+  c0, c1 = x0.sum(1), x1.sum(1)
+  det = a00 * a11 - a01 ** 2
+  distinct = np.array([len(set(b[ok])) for b, ok in zip(b_RxN, ok_RxN)])
+  keep = (distinct >= 2) & (det > 0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    s_min = (a11 * c0 - a01 * c1) / det
+    e_min = (a00 * c1 - a01 * c0) / det
+    b_crit = np.where(s_min <= 0, np.inf, np.where(e_min <= 0, 0.0, e_min / s_min))
+  return np.stack([s_min, e_min, b_crit], axis=1)[keep]
+
+
+def fit_table(best_rows, replicates=BOOTSTRAP_REPLICATES):
+  """One row per group: the critical-batch fit to the batch sizes that reached the target (the
+  rest censored), its bootstrap interval, and B_simple at the target for comparison."""
+  rows = []
+  for group in sorted({r["group"] for r in best_rows}):
+    g = [r for r in best_rows if r["group"] == group]
+    used = [r for r in g if r["outcome"] == "reached"]
+    fit = fit_critical_batch([r["batch_size"] for r in used], [r["steps_to_target"] for r in used])
+    boot = bootstrap_fit([(r["batch_size"], r["_seed_steps"]) for r in used], replicates)
+    for i, name in enumerate(("s_min", "e_min", "b_crit")):
+      # "nearest": replicates may hold B_crit = inf, which interpolation would turn into NaN.
+      lo, hi = (np.percentile(boot[:, i], INTERVAL, method="nearest") if len(boot)
+                else (math.nan, math.nan))
+      fit[f"{name}_lo"], fit[f"{name}_hi"] = float(lo), float(hi)
+    held = [r["batch_size"] for r in g if r["perfect_scaling"]]
+    b_simple = [r["b_simple_at_target"] for r in used if r["b_simple_at_target"] is not None]
+    rows.append(dict(
+        group=group, lr_rule=g[0]["lr_rule"], optimizer=g[0]["optimizer"], **fit,
+        bootstrap_replicates=len(boot),
+        b_simple_at_target=float(np.median(b_simple)) if b_simple else None,
+        b_simple_at_target_min=min(b_simple, default=None),
+        b_simple_at_target_max=max(b_simple, default=None),
+        fitted_batch_sizes=" ".join(str(r["batch_size"]) for r in used),
+        censored_batch_sizes=" ".join(str(r["batch_size"]) for r in g if r["outcome"] != "reached"),
+        lr_at_edge=" ".join(str(r["batch_size"]) for r in used if r["lr_at_edge"]),
+        perfect_scaling_up_to=max(held) if held else None,
+        largest_batch_reached=max((r["batch_size"] for r in used), default=None),
+        _boot=boot))
+  return rows
