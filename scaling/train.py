@@ -130,6 +130,17 @@ def build(config, splits, mesh):
   return plan, model, lr_fn, steplib.make_optimizer(config.optimizer, lr_fn)
 
 
+def trial_record(config, plan, mesh, splits, abstract_state, trial_id: str,
+                 sweep_axes: dict | None) -> dict:
+  """What config.json holds: the resolved config, its derived numbers, the trial's name."""
+  num_params = models.parameter_count(abstract_state.params)
+  resolved = resolved_config(config, plan, mesh.size, num_params)
+  if splits.context_length:
+    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
+  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
+  return resolved
+
+
 def abstract_train_state(config, model, optimizer, splits, mesh):
   """(shapes, dtypes and shardings of the TrainState, its init function of the PRNG key)."""
   init = functools.partial(steplib.init_state, model, optimizer,
@@ -139,6 +150,76 @@ def abstract_train_state(config, model, optimizer, splits, mesh):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
       jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   return abstract_state, init
+
+
+def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state, fresh_state):
+  """(step, state, bookkeeping) from the trial's latest checkpoint, else (0, fresh_state(), new);
+  writes config.json and drops metrics.jsonl records past the step this run starts from."""
+  restored = None
+  if ckpts.steps():
+    checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
+    restored = ckpts.restore_latest(abstract_state)
+  if restored:
+    step, state, book = restored
+    # Fields added since the checkpoint was written start at their defaults.
+    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
+    print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
+          flush=True)
+  else:
+    step, state, book = 0, fresh_state(), bookkeeping.new_bookkeeping(config)
+  # Records past the restored step are rewritten by this run (all of them when starting afresh).
+  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
+  write_json(os.path.join(workdir, "config.json"), resolved)
+  return step, state, book
+
+
+def data_key_of(seed: int):
+  """The key of a trial's data order (and text window phases)."""
+  return jax.random.PRNGKey(seed + 1_000_003)
+
+
+def augment_key_of(seed: int):
+  return jax.random.PRNGKey(seed + 2_000_003)
+
+
+def device_train_data(splits, mesh):
+  """(gather function, training arrays on the devices) for train_chunk."""
+  if splits.train_text is None:
+    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+    return gather, sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
+  # Random windows of the whole train text; its fixed windows only size an epoch.
+  gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
+  return gather, sharding.put_replicated((splits.train_text,), mesh)
+
+
+def make_evaluate(config, splits, model, mesh):
+  """evaluate(state) -> {'<split>/loss': ..., '<split>/error': ...} over the eval splits."""
+  eval_sets = {
+      "valid": (splits.valid_images, splits.valid_labels),
+      "test": (splits.test_images, splits.test_labels),
+      "train_eval": (splits.train_images[:config.train_eval_size],
+                     splits.train_labels[:config.train_eval_size]),
+  }
+  eval_sets = {k: v for k, v in eval_sets.items() if len(v[1])}
+  # One chunk shape for every split (one compilation), no bigger than the largest split needs.
+  largest = max(len(labels) for _, labels in eval_sets.values())
+  eval_batch = math.ceil(min(config.eval_batch_size, largest) / mesh.size) * mesh.size
+  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items()}
+  eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
+                                      pixel_scale=splits.pixel_scale))
+
+  def evaluate(state):
+    results = {}
+    for split, (images, labels, mask) in eval_sets.items():
+      sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
+              for i in range(len(labels))]   # a Python loop: see chunk_unroll above
+      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
+      results[f"{split}/loss"] = float(loss) / float(count)
+      results[f"{split}/error"] = float(errors) / float(count)
+      if splits.context_length:   # bits per character: the language-modelling unit
+        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
+    return results
+  return evaluate
 
 
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
@@ -153,53 +234,18 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   plan, model, lr_fn, optimizer = build(config, splits, mesh)
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
   state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
-  num_params = models.parameter_count(abstract_state.params)
-  resolved = resolved_config(config, plan, mesh.size, num_params)
-  if splits.context_length:
-    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
-  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
+  resolved = trial_record(config, plan, mesh, splits, abstract_state, trial_id, sweep_axes)
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
-  restored = None
-  if ckpts.steps():
-    checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
-    restored = ckpts.restore_latest(abstract_state)
-  if restored:
-    step, state, book = restored
-    # Fields added since the checkpoint was written start at their defaults.
-    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
-    print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
-          flush=True)
-  else:
-    step, book = 0, bookkeeping.new_bookkeeping(config)
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
-  # Records past the restored step are rewritten by this run (all of them when starting afresh).
-  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
-  write_json(os.path.join(workdir, "config.json"), resolved)
-
-  if splits.train_text is None:
-    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
-    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
-  else:  # random windows of the whole train text; its fixed windows only size an epoch
-    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
-    train_arrays = sharding.put_replicated((splits.train_text,), mesh)
-  eval_sets = {
-      "valid": (splits.valid_images, splits.valid_labels),
-      "test": (splits.test_images, splits.test_labels),
-      "train_eval": (splits.train_images[:config.train_eval_size],
-                     splits.train_labels[:config.train_eval_size]),
-  }
-  eval_sets = {k: v for k, v in eval_sets.items() if len(v[1])}
-  # One chunk shape for every split (one compilation), no bigger than the largest split needs.
-  largest = max(len(labels) for _, labels in eval_sets.values())
-  eval_batch = math.ceil(min(config.eval_batch_size, largest) / mesh.size) * mesh.size
-  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items()}
+  step, state, book = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
+                                      lambda: jax.jit(init, out_shardings=state_sharding)(rng))
+  gather, train_arrays = device_train_data(splits, mesh)
 
   step_fn = functools.partial(
       steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
       microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
-      augment_key=jax.random.PRNGKey(config.seed + 2_000_003),
+      augment_key=augment_key_of(config.seed),
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
   chunk_fn = resources.ChunkCost(jax.jit(
       functools.partial(train_chunk, num_examples=len(splits.train_labels),
@@ -209,21 +255,8 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       static_argnames="num_steps", donate_argnames="state"),
       book.setdefault("resources", {}), config.batch_size)
   book["step_cap"] = plan.total_steps
-  eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
-                                      pixel_scale=splits.pixel_scale))
-  data_key = jax.random.PRNGKey(config.seed + 1_000_003)
-
-  def evaluate(state):
-    results = {}
-    for split, (images, labels, mask) in eval_sets.items():
-      sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
-              for i in range(len(labels))]   # a Python loop: see chunk_unroll above
-      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
-      results[f"{split}/loss"] = float(loss) / float(count)
-      results[f"{split}/error"] = float(errors) / float(count)
-      if splits.context_length:   # bits per character: the language-modelling unit
-        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
-    return results
+  evaluate = make_evaluate(config, splits, model, mesh)
+  data_key = data_key_of(config.seed)
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
