@@ -177,7 +177,8 @@ class Checkpoints:
 
 
 RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
-                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster")
+                     "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster",
+                     "vectorize_trials")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

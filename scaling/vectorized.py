@@ -1,0 +1,356 @@
+"""Vectorised trials: several trials of a sweep trained by one compiled program (jax.vmap).
+
+Trials whose configs differ only in VMAPPED_FIELDS (the seed: the init, data-order and
+augmentation keys; base_lr and lr_multiplier: the peak learning rate) share the model, the batch
+size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `train.train_chunk` over
+a stacked TrainState [M, ...] and each member's keys and peak LR. The LR schedule is built inside
+the trace from the member's peak LR (`schedule.learning_rate_fn` of the plan with that lr), so a
+member does exactly the LR arithmetic of its solo run.
+
+Everything on the host stays per member: its directory, config.json, metrics.jsonl, TensorBoard
+events, Orbax checkpoints (of its slice of the state: a solo run resumes them), summary.json, all
+written by the functions train._train_loop uses. A member that diverges, or reaches its target
+with stop_at_target, is frozen: the chunk masks its update (its slice stops changing, NaNs stay
+out) and its files are final, while the others train on. Evaluation and curvature run on each
+member's slice in turn, at a solo run's cadence; the noise-scale statistics come per member out
+of the vmapped step.
+
+`sweep.main` forms the groups (`groups`) when config.vectorize_trials > 1.
+"""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling import bookkeeping, checkpoint, resources, schedule, sharding, train
+from scaling import measure as measure_lib
+from scaling import metrics as metrics_lib
+from scaling import step as steplib
+from scaling.config import ConfigError
+from scaling.metrics import write_json
+
+# Fields that only set a member's keys (seed) or its peak learning rate: runtime arguments of the
+# vmapped program. Trials differing in anything else compile differently and never share one.
+VMAPPED_FIELDS = ("seed", "base_lr", "lr_multiplier")
+# Fields that name the sweep, not the trial.
+_SWEEP_FIELDS = ("sweep", "sweep_zip", "vectorize_trials")
+
+
+def group_key(config) -> str:
+  """Equal for two trial configs exactly when one vmapped program can train both."""
+  fields = json.loads(config.to_json_best_effort())
+  for name in VMAPPED_FIELDS + _SWEEP_FIELDS:
+    fields.pop(name, None)
+  return json.dumps(fields, sort_keys=True)
+
+
+def groups(trials: list, max_members: int) -> list[list]:
+  """sweep.Trials -> groups of at most `max_members` with equal group_key, first index first."""
+  buckets = {}
+  for t in trials:
+    buckets.setdefault(group_key(t.config), []).append(t)
+  chunks = [members[i:i + max_members] for members in buckets.values()
+            for i in range(0, len(members), max_members)]
+  return sorted(chunks, key=lambda g: g[0].index)
+
+
+def check_sweep(config) -> None:
+  """The option's own errors, before any training."""
+  for field in ("sweep", "sweep_zip"):
+    if "vectorize_trials" in config[field]:
+      raise ConfigError(f"{field}.vectorize_trials: vectorize_trials is an option of the whole"
+                        " sweep, not an axis: set vectorize_trials itself")
+
+
+@dataclasses.dataclass
+class Member:
+  """One trial of a vectorised group: its config, files and running record on the host."""
+  config: object
+  workdir: str
+  plan: schedule.Plan
+  spec: train.LoopSpec
+  ckpts: checkpoint.Checkpoints
+  step: int                          # where this member stands (it stops early when diverged)
+  book: dict
+  cost: resources.ChunkCost = None   # summary() of the member's share of the group's cost
+  writer: metrics_lib.MetricsWriter = None
+  top_vector: object = None          # the curvature's Lanczos warm start
+  summary: dict = None               # set once the member is finished
+
+  @property
+  def running(self) -> bool:
+    return self.book["status"] == "running" and self.summary is None
+
+
+def vectorized_chunk(state_M, members_M, active_M, arrays, *, num_steps, chunk_fn, step_fn_of):
+  """`train.train_chunk` of every member at once; members with active_M False keep their state."""
+
+  def one(state, member, active):
+    new_state, metrics_K = chunk_fn(state, arrays, member["data_key"], num_steps=num_steps,
+                                    step_fn=step_fn_of(member))
+    new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+    return new_state, metrics_K
+
+  return jax.vmap(one)(state_M, members_M, active_M)
+
+
+def member_step_fn(member, *, config, plan, model, mesh):
+  """A solo run's step with this member's augmentation key and peak LR (traced values)."""
+  lr_fn = schedule.learning_rate_fn(dataclasses.replace(plan, lr=member["peak_lr"]),
+                                    config.decay, config.warmup.init_fraction)
+  return functools.partial(
+      steplib.train_step, augment_key=member["augment_key"], apply_fn=model.apply,
+      optimizer=steplib.make_optimizer(config.optimizer, lr_fn), lr_fn=lr_fn,
+      microbatching=train.microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
+      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+
+
+def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
+        sweep_axes: list[dict] | None = None) -> list[dict]:
+  """Trains the trials `configs` (differing only in VMAPPED_FIELDS) in one vmapped program, each
+  in its own workdir; returns their summaries, as train.run would one by one."""
+  trial_ids = trial_ids or ["trial"] * len(configs)
+  sweep_axes = sweep_axes or [{}] * len(configs)
+  if len({group_key(c) for c in configs}) > 1:
+    raise ConfigError("vectorised trials must differ only in " + ", ".join(VMAPPED_FIELDS) +
+                      ": group them with scaling.vectorized.groups")
+  first = configs[0]
+  mesh = sharding.make_mesh(first.num_devices)
+  splits = train.load_data(first)
+  plans = [train.build(c, splits, mesh)[0] for c in configs]
+  _, model, _, optimizer = train.build(first, splits, mesh)
+  abstract_state, init = train.abstract_train_state(first, model, optimizer, splits, mesh)
+  replicated = sharding.replicated(mesh)
+  init_fn = jax.jit(init, out_shardings=replicated)
+  microbatching = train.microbatching(first, mesh.size)
+
+  members, states = [], []
+  try:
+    for config, workdir, plan, tid, axes in zip(configs, workdirs, plans, trial_ids, sweep_axes):
+      os.makedirs(workdir, exist_ok=True)
+      resolved = train.trial_record(config, plan, mesh, splits, abstract_state, tid, axes)
+      ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                     config.checkpoint.keep,
+                                     asynchronous=config.checkpoint.asynchronous)
+      step, state, book = train.start_or_resume(
+          config, workdir, resolved, ckpts, abstract_state,
+          lambda: init_fn(jax.random.PRNGKey(config.seed)))
+      book["step_cap"] = plan.total_steps
+      members.append(Member(
+          config, workdir, plan, train.LoopSpec.of(config, plan, workdir, microbatching.groups),
+          ckpts, step, book, cost=resources.ChunkCost(None, book.setdefault("resources", {}),
+                                                      config.batch_size)))
+      states.append(state)
+
+    gather, train_arrays = train.device_train_data(splits, mesh)
+    chunk_fn = functools.partial(
+        train.train_chunk, num_examples=len(splits.train_labels), batch_size=first.batch_size,
+        steps_per_epoch=plans[0].steps_per_epoch, gather=gather, unroll=first.chunk_unroll,
+        shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
+    program = jax.jit(functools.partial(
+        vectorized_chunk, chunk_fn=chunk_fn,
+        step_fn_of=functools.partial(member_step_fn, config=first, plan=plans[0], model=model,
+                                     mesh=mesh)),
+        static_argnames="num_steps", donate_argnames="state_M")
+    shared = Shared(
+        program=program, train_arrays=train_arrays,
+        evaluate=train.make_evaluate(first, splits, model, mesh),
+        measure=(measure_lib.Measure(first.curvature, model, splits, mesh, first.seed)
+                 if first.curvature.enabled else None),
+        stack=jax.jit(lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
+                      out_shardings=replicated),
+        take=jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree), out_shardings=replicated),
+        mesh=mesh)
+    # Members restored at different steps (e.g. one resumed alone before) train as separate groups.
+    by_step = {}
+    for member, state in zip(members, states):
+      by_step.setdefault(member.step, []).append((member, state))
+    for step, pairs in sorted(by_step.items()):
+      group = [m for m, _ in pairs]
+      _train_group(group, shared.stack(*[s for _, s in pairs]), step, shared)
+  finally:
+    for m in members:
+      m.ckpts.close()
+  return [m.summary for m in members]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+  """What every member of a group uses: the compiled programs and the data on the devices."""
+  program: object        # jitted vectorized_chunk
+  train_arrays: tuple
+  evaluate: object       # train.make_evaluate's evaluate(state)
+  measure: object        # a measure.Measure (its key and warm start swapped per member) or None
+  stack: object          # states -> state_M
+  take: object           # (state_M, i) -> member i's state
+  mesh: object
+
+
+def _member_args(members: list[Member], mesh) -> dict:
+  """The per-member runtime arguments of the program, stacked on a leading member axis."""
+  return sharding.put_replicated({
+      "data_key": np.stack([np.asarray(train.data_key_of(m.config.seed)) for m in members]),
+      "augment_key": np.stack([np.asarray(train.augment_key_of(m.config.seed)) for m in members]),
+      # float32 of the same Python float as a solo run's schedule constant: the same bits.
+      "peak_lr": np.asarray([m.plan.lr for m in members], np.float32),
+  }, mesh)
+
+
+def _share_cost(cost_record: dict, before: dict, members: list[Member]) -> None:
+  """Adds the group's compile and train time of the last segment to each member's record: the
+  wall time the member's trial took, shared with the others."""
+  for m in members:
+    record = m.book["resources"]
+    for key in ("compile_seconds", "train_seconds", "train_steps"):
+      record[key] += cost_record[key] - before[key]
+    for key in ("memory_bytes", "memory_source"):   # the whole group's program
+      if key in cost_record:
+        record[key] = cost_record[key]
+
+
+def _save(m: Member, state, step: int) -> None:
+  m.book["elapsed"] = m.writer.elapsed()
+  m.book["last_checkpoint_step"] = step
+  m.writer.flush()
+  m.ckpts.save(step, state, m.book)
+
+
+def _finish(m: Member, state) -> None:
+  """A solo run's end: the last checkpoint (not for a diverged trial), then summary.json."""
+  spec = m.spec
+  if m.book["status"] in ("done", "preempted") and m.book["last_checkpoint_step"] != m.step:
+    _save(m, state, m.step)
+  m.ckpts.wait()
+  m.book["elapsed"] = m.writer.elapsed()
+  m.writer.close()
+  m.summary = bookkeeping.summary(m.book, m.step, spec.batch_size, spec.tokens_per_example, m.cost)
+  write_json(os.path.join(spec.workdir, "summary.json"), m.summary)
+
+
+def _measure_curvature(shared: Shared, m: Member, state, step: int, **kwargs) -> dict:
+  """The shared Measure (one compilation) with this member's key and Lanczos warm start."""
+  shared.measure.key = jax.random.PRNGKey(m.config.seed + 2_000_003)   # as Measure(seed) has
+  shared.measure.top_vector = m.top_vector
+  results = shared.measure(state, step, **kwargs)
+  m.top_vector = shared.measure.top_vector
+  return results
+
+
+def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -> None:
+  """train._train_loop's evaluation block for one member."""
+  spec, book, writer = m.spec, m.book, m.writer
+  B, T = spec.batch_size, spec.tokens_per_example
+  results = shared.evaluate(state)
+  writer.write(step, results)
+  newly_reached = bookkeeping.record_eval(book, step, B, results, T)
+  if newly_reached:
+    book["target"]["at"] = {"wall_time": writer.elapsed(), **bookkeeping.noise_metrics(book["noise"])}
+  if spec.stop_at_target and book["target"]["reached"]:
+    book["status"] = "done"
+  finishing = step == spec.total_steps or book["status"] == "done"
+  if shared.measure and (finishing or newly_reached or train._crossed(
+      step, book["last_curvature_step"], spec.curvature_every_steps)):
+    results = _measure_curvature(shared, m, state, step, step_seconds=B / rate,
+                                 density=finishing and spec.curvature_density)
+    density = results.pop("curvature/density", None)
+    if density and jax.process_index() == 0:
+      np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
+    book["curvature"], book["last_curvature_step"] = results, step
+    if newly_reached:
+      book["target"]["at"].update(results)
+    writer.write(step, results)
+  if train._crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
+    _save(m, state, step)
+  book["elapsed"] = writer.elapsed()
+  writer.flush()
+  write_json(os.path.join(spec.workdir, "summary.json"),
+             bookkeeping.summary(book, step, B, T, m.cost))
+
+
+def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> None:
+  """train._train_loop for members that all stand at `step`, one chunk program for all."""
+  spec = members[0].spec   # every field but workdir is the same for all members
+  B, T = spec.batch_size, spec.tokens_per_example
+  for m in members:
+    m.writer = metrics_lib.MetricsWriter(m.workdir, B, spec.total_steps, step, m.book["elapsed"],
+                                         tokens_per_example=T)
+  member_args = _member_args(members, shared.mesh)
+  cost_record = {}
+  cost = resources.ChunkCost(shared.program, cost_record, B)
+  take = lambda i: shared.take(state_M, i)
+  with train._StopRequest() as stop:
+    if step == 0 and spec.eval_at_start:
+      for i, m in enumerate(members):
+        results = shared.evaluate(take(i))
+        m.writer.write(0, results)
+        bookkeeping.record_eval(m.book, 0, B, results, T)
+    while step < spec.total_steps and any(m.running for m in members):
+      active = [i for i, m in enumerate(members) if m.running]
+      active_M = sharding.put_replicated(np.asarray([m.running for m in members]), shared.mesh)
+      segment_end = min(spec.total_steps,
+                        (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
+      chunks, started, stopping, before = [], time.perf_counter(), False, dict(cost_record)
+      for start in range(step, segment_end, spec.chunk_steps):
+        if stop.requested(start):
+          segment_end, stopping = start, True
+          break
+        state_M, metrics_MxK = cost(state_M, member_args, active_M, shared.train_arrays,
+                                    num_steps=min(spec.chunk_steps, segment_end - start))
+        if chunks:
+          jax.block_until_ready(chunks[-1])
+        chunks.append(metrics_MxK)
+      if chunks:
+        metrics_MxK = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(chunks))
+        n, seconds = segment_end - step, time.perf_counter() - started
+        cost.segment_done(n, seconds)
+        _share_cost(cost_record, {k: before.get(k, 0.0) for k in cost_record},
+                    [members[i] for i in active])
+        rate = n * B / max(seconds, 1e-9)   # each member's examples/s
+        if jax.process_index() == 0:
+          print(f"step {segment_end}/{spec.total_steps}  {len(active)} vectorised trials  loss"
+                f" {np.mean(metrics_MxK['train/loss'][active]):.4f}  {rate * len(active):,.0f}"
+                " examples/s", flush=True)
+        for i in active:
+          m = members[i]
+          metrics_K = {k: v[i] for k, v in metrics_MxK.items()}
+          if m.book["initial_loss"] is None:
+            m.book["initial_loss"] = float(metrics_K["train/loss"][0])
+          diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step,
+                                                  m.book["initial_loss"], spec.loss_multiple)
+          count = diverged[0] + 1 if diverged else n
+          bookkeeping.log_train(m.writer, m.book, metrics_K, step, count,
+                                diverged=bool(diverged), examples_per_sec=rate, spec=m.spec)
+          m.step = step + count
+          if diverged:   # frozen from the next chunk on; the others train on
+            m.book.update(status="diverged", diverged_at_step=step + diverged[0],
+                          diverged_reason=diverged[1])
+            _finish(m, None)
+        step = segment_end
+      if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
+        for i, m in enumerate(members):
+          if m.running:
+            state = take(i)
+            _evaluate_member(shared, m, state, step, rate)
+            if m.book["status"] == "done":   # stopped at its target: frozen from now on
+              _finish(m, state)
+      if ((stopping or stop.requested(step)) and any(m.running for m in members)
+          and step < spec.total_steps):
+        for m in members:
+          if m.running:
+            m.book["status"] = "preempted"
+        break
+    for i, m in enumerate(members):
+      if m.summary is None:
+        if m.book["status"] == "running":
+          m.book["status"] = "done"
+        _finish(m, take(i))
+  if any(m.book["status"] == "preempted" for m in members):
+    print(f"stopped by signal {stop.signal} at step {step}: checkpoints saved, rerun to resume",
+          flush=True)
+    raise train.Preempted(128 + (stop.signal or signal.SIGTERM))
