@@ -32,7 +32,7 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, metrics, schedule, sharding, train
+from scaling import checkpoint, metrics, schedule, sharding, train, vectorized
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -257,12 +257,27 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
       os.remove(tmp)
 
 
+def _run_trials(ready: list[Trial]) -> list[dict]:
+  """One trial alone (train.run), or several in one vmapped program (vectorized.run)."""
+  if len(ready) == 1:
+    t = ready[0]
+    print(f"[{t.index}] {t.id}: training", flush=True)
+    return [train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides)]
+  if not ready:
+    return []
+  print(f"[{','.join(str(t.index) for t in ready)}] training {len(ready)} trials vectorised:"
+        f" {' '.join(t.id for t in ready)}", flush=True)
+  return vectorized.run([t.config for t in ready], [t.directory for t in ready],
+                        [t.id for t in ready], [t.overrides for t in ready])
+
+
 def main(config, workdir: str, trial: str | None = None, list_only: bool = False) -> list[dict]:
   """Expands, validates, then runs the selected trials in order; returns their summaries."""
   trials = expand(config, workdir)
   mesh = sharding.make_mesh(config.num_devices)
   num_train = len(train.load_data(config).train_labels)
   plans = validate(trials, num_train, mesh.size)
+  vectorized.check_sweep(config)
   if list_only:
     print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")
     for t, p in zip(trials, plans):
@@ -282,30 +297,39 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
         "trials": [{"index": t.index, "id": t.id, "directory": os.path.relpath(t.directory, workdir)}
                    for t in trials]})
   summaries = []
-  for t in chosen:
-    # Under jax.distributed the processes train a trial together: process 0 decides and locks.
-    summary = read_summary(t.directory)
-    if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
-      print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
-      summaries.append(summary)
-      continue
-    lock = TrialLock(t.directory) if jax.process_index() == 0 else None
-    if not sharding.process0_decides(lock is None or lock.acquire()):
-      print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
-      continue
+  batches = ([[t] for t in chosen] if config.vectorize_trials <= 1 else
+             vectorized.groups(chosen, config.vectorize_trials))
+  for batch in batches:
+    ready, locks = [], []
+    for t in batch:
+      # Under jax.distributed the processes train a trial together: process 0 decides and locks.
+      summary = read_summary(t.directory)
+      if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
+        print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
+        summaries.append(summary)
+        continue
+      lock = TrialLock(t.directory) if jax.process_index() == 0 else None
+      if not sharding.process0_decides(lock is None or lock.acquire()):
+        print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
+        continue
+      ready.append(t)
+      locks.append(lock)
     try:
-      print(f"[{t.index}] {t.id}: training", flush=True)
-      summaries.append(train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides))
+      summaries += _run_trials(ready)
     except (ConfigError, metrics.DiskFull):   # bad input, or a disk every later trial shares
       raise
-    except Exception as error:   # this trial's own failure: record it, go on to the next
-      summaries.append(record_failure(t, error))
+    except Exception as error:   # these trials' own failure: record it, go on to the next
+      for t in ready:   # a vectorised member that finished before the error keeps its result
+        summary = read_summary(t.directory)
+        finished = summary and summary.get("status") in FINISHED
+        summaries.append(summary if finished else record_failure(t, error))
     except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
       write_csv(workdir, trials, plans)
       raise
     finally:
-      if lock:
-        lock.release()
+      for lock in locks:
+        if lock:
+          lock.release()
     write_csv(workdir, trials, plans)
   write_csv(workdir, trials, plans)
   return summaries

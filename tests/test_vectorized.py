@@ -1,0 +1,170 @@
+"""Vectorised trials (scaling/vectorized.py): one vmapped program, results of solo runs.
+
+One sweep of three members runs vectorised (module fixture) and each member again alone with
+train.run: member A (seed 0, lr x1) trains to the end of the budget, B (seed 1, lr x2) reaches its
+target at step 16 and stops there (stop_at_target), C (seed 0, lr x1000) diverges in its first
+steps. A must finish exactly as alone although B and C stop beside it.
+
+Tolerance. Per member the vmapped program runs the same float32 operations as a solo run
+(vmap adds a leading member axis to every op; the LR is the same float32 constant times the same
+schedule), so on XLA:CPU the results are bit-identical (measured: a difference of 0). A backend may
+order a batched matmul's sums differently: the worst-case relative rounding of a length-n float32
+dot product is n * 2^-24, 4.7e-5 for the MLP's longest contraction (n = 784), so values are
+compared to rtol 1e-4 (atol 1e-7 for values near 0). The error rates and step counts, which a
+rounding could only change by whole examples or steps, must match exactly at that tolerance too.
+"""
+import json
+import math
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from scaling import checkpoint, sweep, train, vectorized
+from scaling.config import ConfigError
+from tests.tiny import tiny_config
+
+RTOL, ATOL = 1e-4, 1e-7
+# Differ between any two runs of the same trial: timings.
+TIMED = ("wall_time", "examples_per_sec")
+
+
+def _sweep_config(**overrides):
+  c = tiny_config(**{"num_devices": 2, "grad_groups": 2, "vectorize_trials": 3, **overrides})
+  c.target.value, c.target.stop_at_target = 0.33, True
+  c.sweep_zip = ml_collections.ConfigDict(dict(seed=(0, 1, 0), lr_multiplier=(1.0, 2.0, 1000.0)))
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("vectorized")
+  config = _sweep_config()
+  vectorized_summaries = sweep.main(config, str(root / "sweep"))
+  trials = sweep.expand(config, str(root / "sweep"))
+  solo = {t.id: train.run(t.config, str(root / "solo" / t.id), trial_id=t.id,
+                          sweep_axes=t.overrides) for t in trials}
+  return root, trials, vectorized_summaries, solo
+
+
+def _records(path):
+  with open(os.path.join(path, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_close(actual, expected, where):
+  """Nested dicts/lists of numbers equal to the tolerance above; strings and None exactly."""
+  if isinstance(expected, dict):
+    assert sorted(actual) == sorted(expected), where
+    for key in expected:
+      if key not in TIMED and not key.startswith("cost/"):
+        _assert_close(actual[key], expected[key], f"{where}.{key}")
+  elif isinstance(expected, list):
+    assert len(actual) == len(expected), where
+    for i, (a, e) in enumerate(zip(actual, expected)):
+      _assert_close(a, e, f"{where}[{i}]")
+  elif isinstance(expected, float) and not isinstance(actual, str):
+    assert math.isclose(actual, expected, rel_tol=RTOL, abs_tol=ATOL) or (
+        math.isnan(actual) and math.isnan(expected)), (where, actual, expected)
+  else:
+    assert actual == expected, (where, actual, expected)
+
+
+# The summary's fields that describe the run's results (the rest are timings and memory).
+RESULT_FIELDS = ("status", "step", "examples", "step_cap", "stop_reason", "diverged_at_step",
+                 "diverged_reason", "target", "final", "best", "noise", "curvature")
+
+
+def test_members_equal_their_solo_runs(runs):
+  root, trials, summaries, solo = runs
+  assert [s["status"] for s in summaries] == ["done", "done", "diverged"]
+  a, b, c = (summaries[i] for i in range(3))
+  assert (a["step"], a["stop_reason"], a["target"]["step"]) == (24, "target", 24)
+  assert (b["step"], b["stop_reason"], b["target"]["step"]) == (16, "target", 16)
+  assert c["stop_reason"] == "diverged" and c["step"] == c["diverged_at_step"] + 1 < 8
+  assert f"at step {c['diverged_at_step']}" in c["diverged_reason"]
+  for t, summary in zip(trials, summaries):
+    member_dir, solo_dir = t.directory, str(root / "solo" / t.id)
+    on_disk = sweep.read_summary(member_dir)
+    assert on_disk == json.loads(json.dumps(summary))
+    for field in RESULT_FIELDS:
+      _assert_close(on_disk[field], solo[t.id][field], f"{t.id} summary.{field}")
+    assert on_disk["noise"]   # per member: grad_groups=2
+    _assert_close(_records(member_dir), _records(solo_dir), f"{t.id} metrics.jsonl")
+    # config.json as a solo run writes it: a solo rerun or resume accepts the directory.
+    with open(os.path.join(member_dir, "config.json")) as f, \
+         open(os.path.join(solo_dir, "config.json")) as g:
+      assert json.load(f) == json.load(g)
+
+
+def _restore(directory, config):
+  mesh_config = config.copy_and_resolve_references()
+  splits = train.load_data(mesh_config)
+  from scaling import sharding
+  mesh = sharding.make_mesh(mesh_config.num_devices)
+  _, model, _, optimizer = train.build(mesh_config, splits, mesh)
+  abstract, _ = train.abstract_train_state(mesh_config, model, optimizer, splits, mesh)
+  ckpts = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), 3, read_only=True)
+  try:
+    return ckpts.steps(), ckpts.restore_latest(abstract)
+  finally:
+    ckpts.close()
+
+
+def test_member_checkpoints_equal_solo_ones_and_a_solo_run_resumes_them(runs):
+  root, trials, summaries, solo = runs
+  for t in trials[:2]:   # the diverged member saves no checkpoint, as alone
+    member_steps, (step, member_state, member_book) = _restore(t.directory, t.config)
+    solo_steps, (_, solo_state, solo_book) = _restore(str(root / "solo" / t.id), t.config)
+    assert member_steps == solo_steps and step == summaries[trials.index(t)]["step"]
+    jax.tree.map(lambda m, s: np.testing.assert_allclose(m, s, rtol=RTOL, atol=ATOL),
+                 member_state, solo_state)
+    assert member_book["noise"] == pytest.approx(solo_book["noise"], rel=RTOL)
+  assert _restore(trials[2].directory, trials[2].config)[0] == []
+  # Member A without its last checkpoint and summary: a solo run resumes it from step 16 and
+  # ends where the solo run from scratch ended.
+  t = trials[0]
+  resumed = str(root / "resumed")
+  shutil.copytree(t.directory, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "24"))
+  os.remove(os.path.join(resumed, "summary.json"))
+  summary = train.run(t.config, resumed, trial_id=t.id, sweep_axes=t.overrides)
+  for field in RESULT_FIELDS:
+    _assert_close(summary[field], solo[t.id][field], f"resumed summary.{field}")
+  _assert_close(_records(resumed), _records(str(root / "solo" / t.id)), "resumed metrics.jsonl")
+
+
+def test_a_rerun_skips_the_finished_members(runs, capsys):
+  root, trials, summaries, _ = runs
+  again = sweep.main(_sweep_config(), str(root / "sweep"))
+  assert [s["status"] for s in again] == ["done", "done", "diverged"]
+  assert capsys.readouterr().out.count("skipped") == 3
+
+
+def test_groups_share_everything_but_seed_and_lr():
+  c = tiny_config(vectorize_trials=3)
+  c.sweep = ml_collections.ConfigDict(dict(batch_size=(16, 32), lr_multiplier=(1.0, 2.0),
+                                           seed=(0, 1)))
+  trials = sweep.expand(c, "/nonexistent")
+  groups = vectorized.groups(trials, 3)
+  # Per batch size, 4 trials (2 LRs x 2 seeds) in index order, at most 3 per program.
+  assert [[t.index for t in g] for g in groups] == [[0, 1, 2], [3], [4, 5, 6], [7]]
+  assert {t.config.batch_size for t in groups[2]} == {32}
+
+
+def test_bad_input_is_one_line_before_training(tmp_path):
+  c = _sweep_config(vectorize_trials=-1)
+  with pytest.raises(ConfigError, match=r"vectorize_trials=-1 is invalid: use an integer >= 0"):
+    sweep.main(c, str(tmp_path / "a"))
+  c = _sweep_config()
+  c.sweep = ml_collections.ConfigDict(dict(vectorize_trials=(2, 4)))
+  with pytest.raises(ConfigError, match=r"^sweep.vectorize_trials: .* not an axis"):
+    sweep.main(c, str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="differ only in seed, base_lr, lr_multiplier"):
+    vectorized.run([tiny_config(), tiny_config(batch_size=16)],
+                   [str(tmp_path / "c"), str(tmp_path / "d")])
+  assert not os.path.exists(tmp_path / "a" / "trials")
+  assert not os.path.exists(tmp_path / "c")
