@@ -1,7 +1,7 @@
 """Vectorised trials (scaling/vectorized.py): one vmapped program, results of solo runs.
 
-One sweep of three members runs vectorised (module fixture) and each member again alone with
-train.run: member A (seed 0, lr x1) trains to the end of the budget, B (seed 1, lr x2) reaches its
+One sweep of three members runs vectorised (module fixture), then its members alone with
+train.run (A in the default run, B and C and a solo resume in the heavy tier): member A (seed 0, lr x1) trains to the end of the budget, B (seed 1, lr x2) reaches its
 target at step 16 and stops there (stop_at_target), C (seed 0, lr x1000) diverges in its first
 steps. A must finish exactly as alone although B and C stop beside it.
 
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scaling import checkpoint, sweep, train, vectorized
+from scaling import checkpoint, sharding, sweep, train, vectorized
 from scaling.config import ConfigError
 from tests.tiny import tiny_config
 
@@ -41,13 +41,16 @@ def _sweep_config(**overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+  """The vectorised sweep, and member A alone (the others alone in the heavy tests)."""
   root = tmp_path_factory.mktemp("vectorized")
   config = _sweep_config()
   vectorized_summaries = sweep.main(config, str(root / "sweep"))
   trials = sweep.expand(config, str(root / "sweep"))
-  solo = {t.id: train.run(t.config, str(root / "solo" / t.id), trial_id=t.id,
-                          sweep_axes=t.overrides) for t in trials}
-  return root, trials, vectorized_summaries, solo
+  return root, trials, vectorized_summaries, {trials[0].id: _solo(root, trials[0])}
+
+
+def _solo(root, t):
+  return train.run(t.config, str(root / "solo" / t.id), trial_id=t.id, sweep_axes=t.overrides)
 
 
 def _records(path):
@@ -78,35 +81,50 @@ RESULT_FIELDS = ("status", "step", "examples", "step_cap", "stop_reason", "diver
                  "diverged_reason", "target", "final", "best", "noise", "curvature")
 
 
-def test_members_equal_their_solo_runs(runs):
+def _assert_equal_runs(member_dir, solo_dir, solo_summary, where):
+  on_disk = sweep.read_summary(member_dir)
+  for field in RESULT_FIELDS:
+    _assert_close(on_disk[field], solo_summary[field], f"{where} summary.{field}")
+  _assert_close(_records(member_dir), _records(solo_dir), f"{where} metrics.jsonl")
+  # config.json as a solo run writes it: a solo rerun or resume accepts the directory.
+  with open(os.path.join(member_dir, "config.json")) as f, \
+       open(os.path.join(solo_dir, "config.json")) as g:
+    assert json.load(f) == json.load(g)
+
+
+def test_members_stop_or_diverge_alone_and_the_others_equal_solo_runs(runs):
   root, trials, summaries, solo = runs
   assert [s["status"] for s in summaries] == ["done", "done", "diverged"]
-  a, b, c = (summaries[i] for i in range(3))
+  for t, summary in zip(trials, summaries):
+    assert sweep.read_summary(t.directory) == json.loads(json.dumps(summary))
+    assert summary["noise"]   # per member: grad_groups=2
+  a, b, c = summaries
   assert (a["step"], a["stop_reason"], a["target"]["step"]) == (24, "target", 24)
+  # B reached its target at step 16 and stopped there, with its last checkpoint.
   assert (b["step"], b["stop_reason"], b["target"]["step"]) == (16, "target", 16)
+  assert max(r["step"] for r in _records(trials[1].directory)) == 16
+  assert sorted(os.listdir(os.path.join(trials[1].directory, "checkpoints"))) == ["16", "8"]
+  # C diverged in its first chunk, is recorded so, and saved nothing.
   assert c["stop_reason"] == "diverged" and c["step"] == c["diverged_at_step"] + 1 < 8
   assert f"at step {c['diverged_at_step']}" in c["diverged_reason"]
-  for t, summary in zip(trials, summaries):
-    member_dir, solo_dir = t.directory, str(root / "solo" / t.id)
-    on_disk = sweep.read_summary(member_dir)
-    assert on_disk == json.loads(json.dumps(summary))
-    for field in RESULT_FIELDS:
-      _assert_close(on_disk[field], solo[t.id][field], f"{t.id} summary.{field}")
-    assert on_disk["noise"]   # per member: grad_groups=2
-    _assert_close(_records(member_dir), _records(solo_dir), f"{t.id} metrics.jsonl")
-    # config.json as a solo run writes it: a solo rerun or resume accepts the directory.
-    with open(os.path.join(member_dir, "config.json")) as f, \
-         open(os.path.join(solo_dir, "config.json")) as g:
-      assert json.load(f) == json.load(g)
+  assert os.listdir(os.path.join(trials[2].directory, "checkpoints")) == []
+  # A trained on beside them exactly as alone: every record, the summary, config.json.
+  t = trials[0]
+  _assert_equal_runs(t.directory, str(root / "solo" / t.id), solo[t.id], t.id)
+
+
+@pytest.mark.heavy
+def test_stopped_and_diverged_members_equal_their_solo_runs(runs):
+  root, trials, _, _ = runs
+  for t in trials[1:]:
+    _assert_equal_runs(t.directory, str(root / "solo" / t.id), _solo(root, t), t.id)
 
 
 def _restore(directory, config):
-  mesh_config = config.copy_and_resolve_references()
-  splits = train.load_data(mesh_config)
-  from scaling import sharding
-  mesh = sharding.make_mesh(mesh_config.num_devices)
-  _, model, _, optimizer = train.build(mesh_config, splits, mesh)
-  abstract, _ = train.abstract_train_state(mesh_config, model, optimizer, splits, mesh)
+  splits = train.load_data(config)
+  mesh = sharding.make_mesh(config.num_devices)
+  _, model, _, optimizer = train.build(config, splits, mesh)
+  abstract, _ = train.abstract_train_state(config, model, optimizer, splits, mesh)
   ckpts = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), 3, read_only=True)
   try:
     return ckpts.steps(), ckpts.restore_latest(abstract)
@@ -114,19 +132,18 @@ def _restore(directory, config):
     ckpts.close()
 
 
+@pytest.mark.heavy
 def test_member_checkpoints_equal_solo_ones_and_a_solo_run_resumes_them(runs):
   root, trials, summaries, solo = runs
-  for t in trials[:2]:   # the diverged member saves no checkpoint, as alone
-    member_steps, (step, member_state, member_book) = _restore(t.directory, t.config)
-    solo_steps, (_, solo_state, solo_book) = _restore(str(root / "solo" / t.id), t.config)
-    assert member_steps == solo_steps and step == summaries[trials.index(t)]["step"]
-    jax.tree.map(lambda m, s: np.testing.assert_allclose(m, s, rtol=RTOL, atol=ATOL),
-                 member_state, solo_state)
-    assert member_book["noise"] == pytest.approx(solo_book["noise"], rel=RTOL)
-  assert _restore(trials[2].directory, trials[2].config)[0] == []
+  t = trials[0]
+  member_steps, (step, member_state, member_book) = _restore(t.directory, t.config)
+  solo_steps, (_, solo_state, solo_book) = _restore(str(root / "solo" / t.id), t.config)
+  assert member_steps == solo_steps == [8, 16, 24] and step == 24
+  jax.tree.map(lambda m, s: np.testing.assert_allclose(m, s, rtol=RTOL, atol=ATOL),
+               member_state, solo_state)
+  assert member_book["noise"] == pytest.approx(solo_book["noise"], rel=RTOL)
   # Member A without its last checkpoint and summary: a solo run resumes it from step 16 and
   # ends where the solo run from scratch ended.
-  t = trials[0]
   resumed = str(root / "resumed")
   shutil.copytree(t.directory, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "24"))
