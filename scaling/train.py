@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +41,26 @@ def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
   return images_NxX[idx_B].astype(jnp.float32) * pixel_scale, labels_N[idx_B]
 
 
-def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size, steps_per_epoch,
-                gather, step_fn, shard_batch, unroll):
+@flax.struct.dataclass
+class TrialInputs:
+  """What differs between the trials of an LR grid or of several seeds without changing a shape:
+  arguments of the compiled chunk, not constants baked into it, so those trials share one
+  compilation (in-process and in the persistent cache)."""
+  peak_lr: jax.Array       # float32 scalar: plan.lr; the step scales the schedule's shape by it
+  data_key: jax.Array      # each epoch's order
+  augment_key: jax.Array   # the augmentations (folded with the step)
+
+  @classmethod
+  def of(cls, plan: schedule.Plan, seed: int) -> "TrialInputs":
+    return cls(peak_lr=jnp.float32(plan.lr), data_key=jax.random.PRNGKey(seed + 1_000_003),
+               augment_key=jax.random.PRNGKey(seed + 2_000_003))
+
+
+def train_chunk(state, arrays, inputs: TrialInputs, *, num_steps, num_examples, batch_size,
+                steps_per_epoch, gather, step_fn, shard_batch, unroll):
   """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
   `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
-  n = num_examples
+  n, data_key = num_examples, inputs.data_key
 
   def body(carry, _):
     state, order_N = carry
@@ -54,7 +70,7 @@ def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size,
     # Each device gathers only its own slice of the batch.
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
     inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
-    state, metrics = step_fn(state, inputs_BxX, targets_B)
+    state, metrics = step_fn(state, inputs_BxX, targets_B, inputs.augment_key, inputs.peak_lr)
     return (state, order_N), metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
@@ -173,15 +189,6 @@ def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state,
   return step, state, book
 
 
-def data_key_of(seed: int):
-  """The key of a trial's data order (and text window phases)."""
-  return jax.random.PRNGKey(seed + 1_000_003)
-
-
-def augment_key_of(seed: int):
-  return jax.random.PRNGKey(seed + 2_000_003)
-
-
 def device_train_data(splits, mesh):
   """(gather function, training arrays on the devices) for train_chunk."""
   if splits.train_text is None:
@@ -222,6 +229,21 @@ def make_evaluate(config, splits, model, mesh):
   return evaluate
 
 
+def chunk_function(config, plan, splits, model, mesh, gather):
+  """train_chunk(state, arrays, inputs, *, num_steps) of this trial's model, optimizer and data."""
+  # The step sees the schedule's shape (peak 1) and the peak LR as a runtime input (TrialInputs).
+  lr_shape = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction, peak=1.0)
+  step_fn = functools.partial(
+      steplib.train_step, apply_fn=model.apply, lr_fn=lr_shape,
+      optimizer=steplib.make_optimizer(config.optimizer, lr_shape),
+      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
+      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+  return functools.partial(train_chunk, num_examples=len(splits.train_labels),
+                           batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
+                           gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
+                           shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
+
+
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
   """Trains one trial in `workdir`; returns the summary written to summary.json.
 
@@ -231,7 +253,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   splits = load_data(config)
-  plan, model, lr_fn, optimizer = build(config, splits, mesh)
+  plan, model, _, optimizer = build(config, splits, mesh)
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
   state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
   resolved = trial_record(config, plan, mesh, splits, abstract_state, trial_id, sweep_axes)
@@ -242,28 +264,20 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
                                       lambda: jax.jit(init, out_shardings=state_sharding)(rng))
   gather, train_arrays = device_train_data(splits, mesh)
 
-  step_fn = functools.partial(
-      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
-      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
-      augment_key=augment_key_of(config.seed),
-      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
   chunk_fn = resources.ChunkCost(jax.jit(
-      functools.partial(train_chunk, num_examples=len(splits.train_labels),
-                        batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
-                        gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
-                        shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
+      chunk_function(config, plan, splits, model, mesh, gather),
       static_argnames="num_steps", donate_argnames="state"),
       book.setdefault("resources", {}), config.batch_size)
   book["step_cap"] = plan.total_steps
   evaluate = make_evaluate(config, splits, model, mesh)
-  data_key = data_key_of(config.seed)
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)
   try:
     return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
                        state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
-                       measure_curvature=measure, train_data=(train_arrays, data_key))
+                       measure_curvature=measure,
+                       train_data=(train_arrays, TrialInputs.of(plan, config.seed)))
   finally:
     ckpts.close()
 

@@ -3,9 +3,9 @@
 Trials whose configs differ only in VMAPPED_FIELDS (the seed: the init, data-order and
 augmentation keys; base_lr and lr_multiplier: the peak learning rate) share the model, the batch
 size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `train.train_chunk` over
-a stacked TrainState [M, ...] and each member's keys and peak LR. The LR schedule is built inside
-the trace from the member's peak LR (`schedule.learning_rate_fn` of the plan with that lr), so a
-member does exactly the LR arithmetic of its solo run.
+a stacked TrainState [M, ...] and each member's train.TrialInputs (peak LR, data and augmentation
+keys: the runtime arguments of a solo run's chunk), so a member does exactly a solo run's
+arithmetic.
 
 Everything on the host stays per member: its directory, config.json, metrics.jsonl, TensorBoard
 events, Orbax checkpoints (of its slice of the state: a solo run resumes them), summary.json, all
@@ -31,7 +31,6 @@ import numpy as np
 from scaling import bookkeeping, checkpoint, resources, schedule, sharding, train
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
-from scaling import step as steplib
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -88,27 +87,16 @@ class Member:
     return self.book["status"] == "running" and self.summary is None
 
 
-def vectorized_chunk(state_M, members_M, active_M, arrays, *, num_steps, chunk_fn, step_fn_of):
-  """`train.train_chunk` of every member at once; members with active_M False keep their state."""
+def vectorized_chunk(state_M, inputs_M, active_M, arrays, *, num_steps, chunk_fn):
+  """`chunk_fn` (train.chunk_function) of every member at once; members whose active_M is False
+  keep their state (frozen: finished or diverged)."""
 
-  def one(state, member, active):
-    new_state, metrics_K = chunk_fn(state, arrays, member["data_key"], num_steps=num_steps,
-                                    step_fn=step_fn_of(member))
+  def one(state, inputs, active):
+    new_state, metrics_K = chunk_fn(state, arrays, inputs, num_steps=num_steps)
     new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
     return new_state, metrics_K
 
-  return jax.vmap(one)(state_M, members_M, active_M)
-
-
-def member_step_fn(member, *, config, plan, model, mesh):
-  """A solo run's step with this member's augmentation key and peak LR (traced values)."""
-  lr_fn = schedule.learning_rate_fn(dataclasses.replace(plan, lr=member["peak_lr"]),
-                                    config.decay, config.warmup.init_fraction)
-  return functools.partial(
-      steplib.train_step, augment_key=member["augment_key"], apply_fn=model.apply,
-      optimizer=steplib.make_optimizer(config.optimizer, lr_fn), lr_fn=lr_fn,
-      microbatching=train.microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
-      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+  return jax.vmap(one)(state_M, inputs_M, active_M)
 
 
 def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
@@ -149,14 +137,9 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
       states.append(state)
 
     gather, train_arrays = train.device_train_data(splits, mesh)
-    chunk_fn = functools.partial(
-        train.train_chunk, num_examples=len(splits.train_labels), batch_size=first.batch_size,
-        steps_per_epoch=plans[0].steps_per_epoch, gather=gather, unroll=first.chunk_unroll,
-        shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
     program = jax.jit(functools.partial(
-        vectorized_chunk, chunk_fn=chunk_fn,
-        step_fn_of=functools.partial(member_step_fn, config=first, plan=plans[0], model=model,
-                                     mesh=mesh)),
+        vectorized_chunk, chunk_fn=train.chunk_function(first, plans[0], splits, model, mesh,
+                                                        gather)),
         static_argnames="num_steps", donate_argnames="state_M")
     shared = Shared(
         program=program, train_arrays=train_arrays,
@@ -192,14 +175,11 @@ class Shared:
   mesh: object
 
 
-def _member_args(members: list[Member], mesh) -> dict:
-  """The per-member runtime arguments of the program, stacked on a leading member axis."""
-  return sharding.put_replicated({
-      "data_key": np.stack([np.asarray(train.data_key_of(m.config.seed)) for m in members]),
-      "augment_key": np.stack([np.asarray(train.augment_key_of(m.config.seed)) for m in members]),
-      # float32 of the same Python float as a solo run's schedule constant: the same bits.
-      "peak_lr": np.asarray([m.plan.lr for m in members], np.float32),
-  }, mesh)
+def _member_inputs(members: list[Member], mesh) -> train.TrialInputs:
+  """Each member's train.TrialInputs (peak LR, keys), stacked on a leading member axis."""
+  inputs = [train.TrialInputs.of(m.plan, m.config.seed) for m in members]
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *inputs)
+  return sharding.put_replicated(stacked, mesh)
 
 
 def _share_cost(cost_record: dict, before: dict, members: list[Member]) -> None:
@@ -280,7 +260,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
   for m in members:
     m.writer = metrics_lib.MetricsWriter(m.workdir, B, spec.total_steps, step, m.book["elapsed"],
                                          tokens_per_example=T)
-  member_args = _member_args(members, shared.mesh)
+  member_inputs = _member_inputs(members, shared.mesh)
   cost_record = {}
   cost = resources.ChunkCost(shared.program, cost_record, B)
   take = lambda i: shared.take(state_M, i)
@@ -300,7 +280,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
         if stop.requested(start):
           segment_end, stopping = start, True
           break
-        state_M, metrics_MxK = cost(state_M, member_args, active_M, shared.train_arrays,
+        state_M, metrics_MxK = cost(state_M, member_inputs, active_M, shared.train_arrays,
                                     num_steps=min(spec.chunk_steps, segment_end - start))
         if chunks:
           jax.block_until_ready(chunks[-1])
