@@ -185,3 +185,16 @@ def test_bad_input_is_one_line_before_training(tmp_path):
                    [str(tmp_path / "c"), str(tmp_path / "d")])
   assert not os.path.exists(tmp_path / "a" / "trials")
   assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_frozen_member_keeps_its_state_while_the_others_train():
+  """vectorized_chunk masks the update of inactive members (a stand-in chunk adds its input)."""
+  def chunk_fn(state, arrays, inputs, *, num_steps):
+    new = jax.tree.map(lambda x: x + num_steps * inputs, state)
+    return new, {"train/loss": jax.numpy.full((num_steps,), inputs)}
+  state_M = {"w": np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], np.float32)}
+  inputs_M = np.array([0.5, np.nan, 1.0], np.float32)   # member 1 would turn NaN
+  new_M, metrics_MxK = vectorized.vectorized_chunk(
+      state_M, inputs_M, np.array([True, False, True]), None, num_steps=2, chunk_fn=chunk_fn)
+  np.testing.assert_array_equal(new_M["w"], [[2, 2], [2, 2], [5, 5]])
+  assert metrics_MxK["train/loss"].shape == (3, 2)
