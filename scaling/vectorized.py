@@ -111,8 +111,9 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
   first = configs[0]
   mesh = sharding.make_mesh(first.num_devices)
   splits = train.load_data(first)
-  plans = [train.build(c, splits, mesh)[0] for c in configs]
-  _, model, _, optimizer = train.build(first, splits, mesh)
+  built = [train.build(c, splits, mesh) for c in configs]   # every config checked
+  plans = [plan for plan, *_ in built]
+  _, model, _, optimizer = built[0]
   abstract_state, init = train.abstract_train_state(first, model, optimizer, splits, mesh)
   replicated = sharding.replicated(mesh)
   init_fn = jax.jit(init, out_shardings=replicated)

@@ -198,3 +198,21 @@ def test_a_frozen_member_keeps_its_state_while_the_others_train():
       state_M, inputs_M, np.array([True, False, True]), None, num_steps=2, chunk_fn=chunk_fn)
   np.testing.assert_array_equal(new_M["w"], [[2, 2], [2, 2], [5, 5]])
   assert metrics_MxK["train/loss"].shape == (3, 2)
+
+
+@pytest.mark.heavy
+def test_curvature_per_member_equals_solo(tmp_path):
+  """Each member's curvature (its own key and Lanczos warm start) as alone, on 1 device."""
+  configs = [tiny_config(seed=s, lr_multiplier=m, num_devices=1, **{
+      "curvature.enabled": True, "curvature.every_steps": 8, "curvature.density": False,
+      "budget.length": 16.0}) for s, m in ((0, 1.0), (1, 2.0))]
+  summaries = vectorized.run(configs, [str(tmp_path / f"v{i}") for i in range(2)])
+  for i, c in enumerate(configs):
+    solo = train.run(c, str(tmp_path / f"s{i}"))
+    assert summaries[i]["curvature"]["curvature/hessian_trace_probes"] >= 20
+    _assert_close(summaries[i]["curvature"], solo["curvature"], f"member {i} curvature")
+    curvature_records = lambda d: [{k: v for k, v in r.items() if k.startswith("curvature/")}
+                                   for r in _records(d) if "curvature/top_eigenvalue" in r]
+    assert len(curvature_records(str(tmp_path / f"v{i}"))) == 2
+    _assert_close(curvature_records(str(tmp_path / f"v{i}")),
+                  curvature_records(str(tmp_path / f"s{i}")), f"member {i} records")
