@@ -116,6 +116,7 @@ def main():
   try:
     for name, batch_size in plan:
       rows.append(measure(name, batch_size, steps, root))
+      print("row", json.dumps(rows[-1]), flush=True)   # kept if a later row is cut short
   finally:
     shutil.rmtree(root, ignore_errors=True)
   print()
