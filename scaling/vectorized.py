@@ -31,6 +31,7 @@ import numpy as np
 from scaling import bookkeeping, checkpoint, resources, schedule, sharding, train
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
+from scaling import step as steplib
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -89,14 +90,24 @@ class Member:
 
 def vectorized_chunk(state_M, inputs_M, active_M, arrays, *, num_steps, chunk_fn):
   """`chunk_fn` (train.chunk_function) of every member at once; members whose active_M is False
-  keep their state (frozen: finished or diverged)."""
+  keep their parameters and optimizer state (frozen: finished or diverged).
+
+  The members train in lockstep, so they share one unbatched step counter: with a batched one,
+  vmap turns the epoch's `lax.cond` (a new permutation of the training set at each epoch start)
+  into a select that computes the permutation at every step (measured: ~30x slower per step on
+  full MNIST). Frozen members' counters advance too; their state is final on disk already."""
+  step = state_M.step[0]
 
   def one(state, inputs, active):
-    new_state, metrics_K = chunk_fn(state, arrays, inputs, num_steps=num_steps)
-    new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
-    return new_state, metrics_K
+    new_state, metrics_K = chunk_fn(state.replace(step=step), arrays, inputs, num_steps=num_steps)
+    trained = (new_state.params, new_state.batch_stats, new_state.opt_state)
+    kept = (state.params, state.batch_stats, state.opt_state)
+    return jax.tree.map(lambda new, old: jnp.where(active, new, old), trained, kept), metrics_K
 
-  return jax.vmap(one)(state_M, inputs_M, active_M)
+  (params, batch_stats, opt_state), metrics_MxK = jax.vmap(one)(state_M, inputs_M, active_M)
+  new_state_M = steplib.TrainState(step=state_M.step + num_steps, params=params,
+                                   batch_stats=batch_stats, opt_state=opt_state)
+  return new_state_M, metrics_MxK
 
 
 def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,

@@ -13,6 +13,7 @@ dot product is n * 2^-24, 4.7e-5 for the MLP's longest contraction (n = 784), so
 compared to rtol 1e-4 (atol 1e-7 for values near 0). The error rates and step counts, which a
 rounding could only change by whole examples or steps, must match exactly at that tolerance too.
 """
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from scaling import checkpoint, sharding, sweep, train, vectorized
+from scaling import step as steplib
 from scaling.config import ConfigError
 from tests.tiny import tiny_config
 
@@ -188,16 +190,29 @@ def test_bad_input_is_one_line_before_training(tmp_path):
 
 
 def test_a_frozen_member_keeps_its_state_while_the_others_train():
-  """vectorized_chunk masks the update of inactive members (a stand-in chunk adds its input)."""
+  """vectorized_chunk masks the update of inactive members (a stand-in chunk adds its input),
+  and hands every member one unbatched step counter (see its docstring)."""
   def chunk_fn(state, arrays, inputs, *, num_steps):
-    new = jax.tree.map(lambda x: x + num_steps * inputs, state)
+    # As train_chunk's new epoch order: a cond on the step (true here: step 4 is even).
+    delta = jax.lax.cond(state.step % 2 == 0, lambda: num_steps * inputs, lambda: 0 * inputs)
+    new = state.replace(params=jax.tree.map(lambda x: x + delta, state.params),
+                        step=state.step + num_steps)
     return new, {"train/loss": jax.numpy.full((num_steps,), inputs)}
-  state_M = {"w": np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], np.float32)}
+  w = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], np.float32)
+  state_M = steplib.TrainState(step=np.array([4, 4, 4], np.int32), params={"w": w},
+                               batch_stats={}, opt_state={"mu": w})
   inputs_M = np.array([0.5, np.nan, 1.0], np.float32)   # member 1 would turn NaN
   new_M, metrics_MxK = vectorized.vectorized_chunk(
       state_M, inputs_M, np.array([True, False, True]), None, num_steps=2, chunk_fn=chunk_fn)
-  np.testing.assert_array_equal(new_M["w"], [[2, 2], [2, 2], [5, 5]])
+  np.testing.assert_array_equal(new_M.params["w"], [[2, 2], [2, 2], [5, 5]])
+  np.testing.assert_array_equal(new_M.opt_state["mu"], w)
+  np.testing.assert_array_equal(new_M.step, [6, 6, 6])
   assert metrics_MxK["train/loss"].shape == (3, 2)
+  # With a batched step vmap would turn the cond into a select that runs both branches.
+  jaxpr = jax.make_jaxpr(functools.partial(vectorized.vectorized_chunk, num_steps=2,
+                                           chunk_fn=chunk_fn))(state_M, inputs_M,
+                                                               np.array([True] * 3), None)
+  assert "cond[" in str(jaxpr)
 
 
 @pytest.mark.heavy
