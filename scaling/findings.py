@@ -302,7 +302,8 @@ def protocol(trials):
     for k, v in t.setting.items():
       tuned[k].add(v)
   seeds = len({t.seed for t in trials})
-  tuned_text = "; ".join(f"{k} in {{{', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in sorted(vals))}}}"
+  show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+  tuned_text = "; ".join(f"{k} in {{{', '.join(show(v) for v in sorted(vals))}}}"
                          for k, vals in tuned.items()) or "nothing (one setting per batch size)"
   rules = ", ".join(sorted({t.group for t in trials}))
   return (f"Target: {targets}. Budget: a step cap per batch size ({_span(caps) or '?'} steps)"

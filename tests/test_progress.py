@@ -1,0 +1,123 @@
+"""Console progress (scaling/progress.py): the ETA arithmetic with measured evaluation and
+curvature costs, the sweep's counts and ETA, line-oriented output unless stdout is a terminal."""
+import io
+
+import pytest
+
+from scaling import progress
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+@pytest.mark.parametrize("step,total,every,expected", [
+    (0, 10, 3, 4),    # at 3, 6, 9 and the end (10)
+    (9, 10, 3, 1),    # the end only
+    (10, 10, 3, 0),
+    (0, 12, 3, 4),    # 12 is a multiple: the end is the 4th
+    (5, 12, 0, 1),    # no schedule: the end only
+])
+def test_evaluations_left(step, total, every, expected):
+  assert progress.evaluations_left(step, total, every) == expected
+
+
+def trial_progress(stream, clock, **kwargs):
+  return progress.TrialProgress(8, 30, 0, eval_every=3, curvature_every=15, stream=stream,
+                                clock=clock, **kwargs)
+
+
+def test_trial_eta_counts_evaluation_and_curvature_at_their_measured_cost():
+  clock, out = FakeClock(), io.StringIO()
+  tracker = trial_progress(out, clock)
+
+  def costs(seconds):
+    def fn():
+      clock.now += seconds
+    return fn
+  evaluate = tracker.timed("evaluation", costs(0.5))
+  measure = tracker.timed("curvature", costs(4.0))
+  tracker.segment(3, 3, 10.0, 1.0)   # compiles: left out of the steady state once there is more
+  # Nothing else measured yet: 27 steps at 0.3/s, and a lower bound that says what it lacks.
+  assert out.getvalue() == ("step 3/30  loss 1.0000  2 examples/s  eta >=1m30s (train 1m30s;"
+                            " + evaluation (not measured yet); + curvature (not measured yet))\n")
+  evaluate()
+  measure()
+  tracker.segment(6, 3, 1.5, 0.9)    # 2 steps/s
+  evaluate()
+  # 24 steps at 2/s = 12 s; evaluations at 9..30 = 8 x 0.5 s; curvature at 15 and 30 = 2 x 4 s.
+  assert tracker.eta(6) == {"train": 12.0, "evaluation": 4.0, "curvature": 8.0, "total": 24.0}
+  last = out.getvalue().splitlines()[-1]
+  assert last == ("step 6/30  loss 0.9000  16 examples/s  eta 24s (train 12s, evaluation 4s,"
+                  " curvature 8s)")
+  assert "\r" not in out.getvalue() and out.getvalue().count("\n") == 2   # a file: whole lines
+
+
+def test_stop_at_target_says_the_eta_is_to_the_cap_and_a_terminal_gets_a_bar():
+  clock, out = FakeClock(), Terminal()
+  tracker = trial_progress(out, clock, stop_at_target=True)
+  tracker.timed("evaluation", lambda: None)()
+  tracker.timed("curvature", lambda: None)()
+  tracker.segment(15, 15, 3.0, 1.0)
+  assert out.getvalue().startswith("\r[##########..........] step 15/30")
+  assert "eta <=3s (train 3s, evaluation 0s, curvature 0s; to the step cap, stops at the target)" \
+      in out.getvalue()
+  tracker.close()
+  assert out.getvalue().endswith("\n")
+
+
+def test_sweep_eta_from_trials_of_the_same_batch_size_skips_finished_ones():
+  clock, out = FakeClock(), io.StringIO()
+  sweep = progress.SweepProgress([16, 32, 16, 32, 16, 64], finished={3}, stream=out, clock=clock)
+  sweep.start(0, "[0] a")
+  assert out.getvalue() == ("[0] a: training  |  sweep: trial 1 of 6; done 0, skipped 0, diverged"
+                            " 0, failed 0; eta ? (after the first trial)\n")
+  clock.now = 10.0
+  sweep.end("done")
+  sweep.start(1, "[1] b")
+  # current: no bs=32 yet, so the mean 10 s; then 16 (10 s), a finished one (free), 16, 64 (mean).
+  assert sweep.eta() == 40.0
+  clock.now = 14.0
+  sweep.end("diverged")
+  sweep.start(2, "[2] c")
+  clock.now = 17.0
+  # The current bs=16 trial: min(its own ETA 5 s, 10 s typical - 3 s elapsed) + bs=16 (10 s) and
+  # bs=64 (mean of 10 and 4: 7 s); the finished bs=32 trial costs nothing.
+  assert sweep.eta(current_left=5.0) == 22.0
+  assert sweep.eta(current_left=9.0) == 24.0
+  assert sweep.status(current_left=5.0) == (
+      "sweep: trial 3 of 6; done 1, skipped 0, diverged 1, failed 0; eta 22s")
+  assert progress.SweepProgress.current is sweep
+  sweep.end("failed")
+  sweep.leave()
+  assert progress.SweepProgress.current is None
+  sweep.skip(3)
+  assert sweep.counts == {"done": 1, "diverged": 1, "failed": 1, "skipped": 1}
+
+
+def test_trial_lines_carry_the_sweep_status():
+  clock, out = FakeClock(), io.StringIO()
+  sweep = progress.SweepProgress([8, 8], finished=set(), stream=io.StringIO(), clock=clock)
+  sweep.start(0, "[0] a")
+  try:
+    tracker = trial_progress(out, clock)
+    tracker.timed("evaluation", lambda: None)()
+    tracker.timed("curvature", lambda: None)()
+    tracker.segment(15, 15, 3.0, 1.0)
+  finally:
+    sweep.leave()
+  assert out.getvalue().endswith("|  sweep: trial 1 of 2; done 0, skipped 0, diverged 0, failed 0;"
+                                 " eta ? (after the first trial)\n")
+
+
+def test_duration():
+  assert [progress.duration(s) for s in (None, 9.4, 125, 3725)] == ["?", "9s", "2m05s", "1h02m"]
