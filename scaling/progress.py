@@ -2,14 +2,16 @@
 
 A trial's ETA adds up what is left at what it was measured to cost in this run: training steps at
 the steady-state rate (the first segment, which compiles, left out once there is another), the
-evaluations still scheduled at the last evaluation's cost and the curvature measurements still
-scheduled at the last measurement's cost (the first of each includes its compilation, so early
-ETAs run high). It counts to the step cap: a trial that stops at its target ends sooner, and says
-so ('eta <=').
+evaluations still scheduled and the curvature measurements still scheduled, each at the median of
+its latest measured costs (the first of each includes its compilation: left out once there is
+another, so the first ETAs run high). It counts to the step cap: a trial that stops at its target
+ends sooner, and says so ('eta <=').
 
 A sweep's ETA: for each trial still to run, the median wall time of the trials with the same batch
-size that ran in this process (else the mean of all that did), plus what is left of the current
-one; trials already finished are skipped at no cost. Before the first trial ends there is none.
+size that ran in this process (else of the latest three), plus what is left of the current one;
+trials already finished are skipped at no cost; the process's first trial, which also paid its
+one-time costs, counts only until another has been measured. Before the first trial ends there is
+no ETA.
 
 Lines stay whole (cluster logs are files); only when stdout is a terminal does the trial line
 redraw in place behind a progress bar.
@@ -62,8 +64,7 @@ class TrialProgress:
     self.stream = stream or sys.stdout
     self.clock = clock
     self.segments = []                 # (steps, seconds) of this run's training segments
-    self.cost = {}                     # 'evaluation' / 'curvature' -> last measured seconds
-    self.counts = collections.Counter()
+    self.times = collections.defaultdict(list)   # 'evaluation' / 'curvature' -> seconds per call
     self._redrawing = False
 
   def timed(self, kind: str, fn):
@@ -71,10 +72,15 @@ class TrialProgress:
     def wrapped(*args, **kwargs):
       started = self.clock()
       out = fn(*args, **kwargs)
-      self.cost[kind] = self.clock() - started
-      self.counts[kind] += 1
+      self.times[kind].append(self.clock() - started)
       return out
     return wrapped
+
+  @property
+  def cost(self) -> dict:
+    """kind -> seconds per call: the median of the latest five after the first (which compiled),
+    the first while it is the only one."""
+    return {k: statistics.median((v[1:] or v)[-5:]) for k, v in self.times.items() if v}
 
   def steps_per_sec(self) -> float | None:
     """Steady state: this run's segments after the first (which compiled), once there are any."""
@@ -151,15 +157,18 @@ class SweepProgress:
     self.stream = stream or sys.stdout
     self.clock = clock
     self.counts = collections.Counter()
-    self.seconds = collections.defaultdict(list)   # batch size -> wall times measured here
+    self.measured = []   # (batch size, wall seconds) of the trials run here, in order
     self.position, self._started = -1, None
 
 
   def estimate(self, batch_size: int) -> float | None:
-    if self.seconds.get(batch_size):
-      return statistics.median(self.seconds[batch_size])
-    every = [s for v in self.seconds.values() for s in v]
-    return sum(every) / len(every) if every else None
+    """A trial's expected wall time: the median of those measured at its batch size, else of the
+    latest three (the machine as it is now). The process's first trial also paid one-time costs
+    (imports, data, the first compilations): it counts only while it is the only one."""
+    measured = self.measured[1:] or self.measured
+    same = [s for b, s in measured if b == batch_size]
+    latest = [s for _, s in measured[-3:]]
+    return statistics.median(same or latest) if measured else None
 
   def eta(self, current_left: float | None = None) -> float | None:
     """Seconds left: the current trial's remainder (its own ETA, capped by what its batch size
@@ -201,7 +210,7 @@ class SweepProgress:
   def end(self, status: str) -> None:
     """The current trial ended with `status` (done, diverged, failed, preempted)."""
     if self._started is not None and status in ("done", "diverged"):
-      self.seconds[self.batch_sizes[self.position]].append(self.clock() - self._started)
+      self.measured.append((self.batch_sizes[self.position], self.clock() - self._started))
     self.counts[status] += 1
     self._started = None
 

@@ -84,18 +84,19 @@ def test_sweep_eta_from_trials_of_the_same_batch_size_skips_finished_ones():
   clock.now = 10.0
   sweep.end("done")
   sweep.start(1, "[1] b")
-  # current: no bs=32 yet, so the mean 10 s; then 16 (10 s), a finished one (free), 16, 64 (mean).
+  # Only the first trial measured: it stands for every trial, 10 s each; the finished one is free.
   assert sweep.eta() == 40.0
   clock.now = 14.0
   sweep.end("diverged")
   sweep.start(2, "[2] c")
   clock.now = 17.0
-  # The current bs=16 trial: min(its own ETA 5 s, 10 s typical - 3 s elapsed) + bs=16 (10 s) and
-  # bs=64 (mean of 10 and 4: 7 s); the finished bs=32 trial costs nothing.
-  assert sweep.eta(current_left=5.0) == 22.0
-  assert sweep.eta(current_left=9.0) == 24.0
+  # The first trial (10 s, with the process's one-time costs) no longer counts; no other bs=16
+  # trial ran, so the latest (4 s) stands for each. Current: min(its own ETA, 4 s - 3 s elapsed);
+  # then bs=16 and bs=64, 4 s each; the finished bs=32 trial costs nothing.
+  assert sweep.eta(current_left=5.0) == 9.0
+  assert sweep.eta(current_left=0.5) == 8.5
   assert sweep.status(current_left=5.0) == (
-      "sweep: trial 3 of 6; done 1, skipped 0, diverged 1, failed 0; eta 22s")
+      "sweep: trial 3 of 6; done 1, skipped 0, diverged 1, failed 0; eta 9s")
   assert progress.SweepProgress.current is sweep
   sweep.end("failed")
   sweep.leave()
@@ -121,3 +122,22 @@ def test_trial_lines_carry_the_sweep_status():
 
 def test_duration():
   assert [progress.duration(s) for s in (None, 9.4, 125, 3725)] == ["?", "9s", "2m05s", "1h02m"]
+
+
+def test_sweep_estimate_takes_the_median_at_the_same_batch_size():
+  sweep = progress.SweepProgress([], finished=set(), stream=io.StringIO())
+  sweep.measured = [(16, 30.0), (16, 9.0), (32, 5.0), (16, 12.0), (64, 2.0), (16, 11.0)]
+  assert sweep.estimate(16) == 11.0          # median of 9, 12, 11 (the first left out)
+  assert sweep.estimate(128) == 11.0         # unseen: median of the latest three (12, 2, 11)
+
+
+def test_a_cost_is_the_median_of_the_latest_calls_after_the_compiling_first():
+  clock = FakeClock()
+  tracker = trial_progress(io.StringIO(), clock)
+  for seconds in (5.0, 0.5, 0.7, 0.6):
+    def call(seconds=seconds):
+      clock.now += seconds
+    tracker.timed("evaluation", call)()
+    if seconds == 5.0:
+      assert tracker.cost == {"evaluation": 5.0}   # alone, the compiling call stands for all
+  assert tracker.cost == {"evaluation": 0.6}
