@@ -58,18 +58,19 @@ def _regime_sentence(rows, tolerance):
   perfect, diminishing, flat = regimes(rows, tolerance)
   reached = [r for r in rows if r["outcome"] == "reached"]
   if not reached:
-    return "No batch size has reached the target yet, so no regime can be named."
+    return _censored_text(rows, "No batch size has reached the target, so no regime can be named.")
   smallest = min(r["batch_size"] for r in reached)
+  if len(reached) == 1:
+    return _censored_text(rows, f"Only B = {smallest} reached the target, so no regime can be "
+                                "named.")
   parts = []
   if len(perfect) > 1:
     parts.append(f"perfect scaling (examples to target within {tolerance:g}x of those at "
                  f"B = {smallest}) held up to B = {perfect[-1]}")
   else:
     nxt = sorted((r for r in reached if r["batch_size"] > smallest), key=lambda r: r["batch_size"])
-    parts.append("perfect scaling was not seen" + (
-        f": at B = {nxt[0]['batch_size']} the examples to target were already "
-        f"{nxt[0]['examples_ratio']:.2f}x those at B = {smallest}" if nxt else
-        " (one batch size reached the target)"))
+    parts.append(f"perfect scaling was not seen: at B = {nxt[0]['batch_size']} the examples to "
+                 f"target were already {nxt[0]['examples_ratio']:.2f}x those at B = {smallest}")
   if diminishing:
     steps = {r["batch_size"]: r["steps_to_target"] for r in reached}
     order = sorted(steps)
@@ -88,7 +89,10 @@ def _regime_sentence(rows, tolerance):
                     f"took {top['steps_to_target']:.0f} steps against the fewest {floor:.0f}")
                  + "), so maximal data parallelism is not shown")
   text = "; ".join(parts)
-  text = text[0].upper() + text[1:] + "."
+  return _censored_text(rows, text[0].upper() + text[1:] + ".")
+
+
+def _censored_text(rows, text):
   censored = [r["batch_size"] for r in rows if r["outcome"] == "not reached"]
   pending = [r["batch_size"] for r in rows if r["outcome"] == "pending"]
   if censored:
@@ -166,7 +170,10 @@ def _lr_sentence(rows, trials):
   inside = [r for r in used if r["batch_size"] in perfect]
   beyond = [r for r in used if r["batch_size"] not in perfect]
   pieces = []
-  for part, where in ((inside, "within the perfect-scaling range"), (beyond, "beyond it")):
+  split = len(inside) >= 2 and len(beyond) >= 2
+  halves = ((inside, "within the perfect-scaling range"), (beyond, "beyond it")) if split else \
+      ((used, "across the batch sizes that reached the target"),)
+  for part, where in halves:
     p = power_law([r["batch_size"] for r in part], [r["lr"] for r in part])
     if p is not None:
       closest = min((("linear", 1.0), ("square-root", 0.5), ("constant", 0.0)),
@@ -209,7 +216,8 @@ def _curvature_sentence(rows, trials):
     pts = [(b, v) for b, v in pts if isinstance(v, float) and v > 0]
     p = power_law(*zip(*pts)) if len(pts) >= 3 else None
     if p is not None:
-      parts.append(f"{name} {'rose' if p > 0 else 'fell'} as B^{p:.2f} ({pts[0][1]:.3g} at "
+      trend = "stayed flat" if abs(p) < 0.05 else "rose" if p > 0 else "fell"
+      parts.append(f"{name} {trend} (~B^{p:.2f}: {pts[0][1]:.3g} at "
                    f"B = {pts[0][0]}, {pts[-1][1]:.3g} at B = {pts[-1][0]})")
   if not parts:
     return (f"Curvature was measured at only {len(measured)} batch size(s): too few to say how "

@@ -64,6 +64,9 @@ def test_findings_paragraph_matches_the_numbers(sweep_dir):
   assert abs(fit["b_crit"] - 512) < 0.02 * 512
   assert f"B_crit = {fit['b_crit']:.3g} ± {fit['b_crit_err']:.2g}" in text
   assert "B = 16384 never reached the target within the step cap: censored" in text
+  # The best LR is 0.1 sqrt(B/128) (multiplier 1) at every B.
+  assert ("as B^0.50 within the perfect-scaling range (B = 16-64; nearest rule: square-root, "
+          "B^0.5) and as B^0.50 beyond it (B = 128-8192;") in text
   # Multiplier 1 is the bottom of {1, 2} everywhere: unbracketed, said so.
   assert "edge of its grid at 10 of 10 batch sizes" in text
   assert "Curvature was not measured (curvature.enabled is off)" in text
