@@ -4,8 +4,9 @@ A trial's ETA adds up what is left at what it was measured to cost in this run: 
 the steady-state rate (the first segment, which compiles, left out once there is another), the
 evaluations still scheduled and the curvature measurements still scheduled, each at the median of
 its latest measured costs (the first of each includes its compilation: left out once there is
-another, so the first ETAs run high). It counts to the step cap: a trial that stops at its target
-ends sooner, and says so ('eta <=').
+another, so the first ETAs run high). It counts to the step cap; a trial that stops at its target
+counts to where a power law through its last three evaluations crosses the target, and says so
+(before that: 'eta <=', to the cap).
 
 A sweep's ETA: for each trial still to run, the median wall time of the trials with the same batch
 size that ran in this process (else of the latest three), plus what is left of the current one;
@@ -17,9 +18,12 @@ Lines stay whole (cluster logs are files); only when stdout is a terminal does t
 redraw in place behind a progress bar.
 """
 import collections
+import math
 import statistics
 import sys
 import time
+
+import numpy as np
 
 
 def evaluations_left(step: int, total: int, every: int) -> int:
@@ -57,10 +61,14 @@ class TrialProgress:
 
   def __init__(self, batch_size: int, total_steps: int, start_step: int = 0, *, eval_every: int,
                curvature_every: int | None = None, stop_at_target: bool = False,
-               stream=None, clock=time.perf_counter):
+               target: tuple[str, float] | None = None, stream=None, clock=time.perf_counter):
+    """target: (metric, value) that stops the trial when stop_at_target: the ETA then runs to
+    the step where the metric's recent trend crosses it, where one can be extrapolated."""
     self.batch_size, self.total_steps, self.start_step = batch_size, total_steps, start_step
     self.eval_every, self.curvature_every = eval_every, curvature_every
-    self.stop_at_target = stop_at_target
+    self.stop_at_target, self.target = stop_at_target, target
+    self.step = start_step
+    self.evaluations = []              # (step, target metric) of this run's evaluations
     self.stream = stream or sys.stdout
     self.clock = clock
     self.segments = []                 # (steps, seconds) of this run's training segments
@@ -73,6 +81,8 @@ class TrialProgress:
       started = self.clock()
       out = fn(*args, **kwargs)
       self.times[kind].append(self.clock() - started)
+      if kind == "evaluation" and self.target and isinstance(out, dict):
+        self.evaluations.append((self.step, out.get(self.target[0])))
       return out
     return wrapped
 
@@ -88,14 +98,32 @@ class TrialProgress:
     steps, seconds = sum(s for s, _ in segs), sum(t for _, t in segs)
     return steps / seconds if seconds > 0 else None
 
+  def end_step(self) -> int:
+    """Where the trial should end: the step cap, or, when it stops at the target, the step at
+    which a power law through the last three evaluations (log metric linear in log step) crosses
+    the target, if the metric is falling (capped)."""
+    pts = [(s, v) for s, v in self.evaluations[-3:]
+           if s > 0 and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
+    if not (self.stop_at_target and self.target and len(pts) == 3):
+      return self.total_steps
+    slope, intercept = np.polyfit(np.log([s for s, _ in pts]), np.log([v for _, v in pts]), 1)
+    if slope >= 0:
+      return self.total_steps
+    crossing = math.exp((math.log(self.target[1]) - intercept) / slope)
+    return int(min(max(math.ceil(crossing - 1e-6), self.step), self.total_steps))   # float noise
+
   def eta(self, step: int) -> dict:
     """Seconds left per part ('train', 'evaluation', 'curvature') and 'total'; None if unknown."""
     rate = self.steps_per_sec()
-    parts = {"train": (self.total_steps - step) / rate if rate else None}
-    evals = evaluations_left(step, self.total_steps, self.eval_every)
+    end = self.end_step()
+    # Evaluations fall on multiples of eval_every: the one that sees the target is at or after it.
+    if end < self.total_steps and self.eval_every > 0:
+      end = min(-(-end // self.eval_every) * self.eval_every, self.total_steps)
+    parts = {"train": (end - step) / rate if rate else None}
+    evals = evaluations_left(step, end, self.eval_every)
     parts["evaluation"] = evals * self.cost["evaluation"] if "evaluation" in self.cost else None
     if self.curvature_every is not None:
-      left = measurements_left(step, self.total_steps, self.curvature_every)
+      left = measurements_left(step, end, self.curvature_every)
       parts["curvature"] = left * self.cost["curvature"] if "curvature" in self.cost else None
     known = [v for v in parts.values() if v is not None]
     parts["total"] = sum(known) if parts["train"] is not None else None
@@ -105,12 +133,13 @@ class TrialProgress:
     """Records a segment that ended at `step`, prints the line (if `show`); returns its
     examples/s."""
     self.segments.append((steps, seconds))
+    self.step = step
     if show:
       self.line(step, loss)
     return steps / max(seconds, 1e-9) * self.batch_size
 
   def line(self, step: int, loss: float) -> str:
-    rate, eta = self.steps_per_sec(), self.eta(step)
+    rate, eta, end = self.steps_per_sec(), self.eta(step), self.end_step()
     text = (f"step {step}/{self.total_steps}  loss {loss:.4f}  "
             f"{(rate or 0) * self.batch_size:,.0f} examples/s")
     if eta["total"] is None:
@@ -120,9 +149,10 @@ class TrialProgress:
       detail = ", ".join(f"{k} {duration(v)}" for k, v in parts.items() if v is not None)
       unknown = [k for k, v in parts.items() if v is None]
       detail += "".join(f"; + {k} (not measured yet)" for k in unknown)
-      text += (f"  eta {'<=' if self.stop_at_target and not unknown else ''}"
-               f"{'>=' if unknown else ''}{duration(eta['total'])} ({detail}"
-               f"{'; to the step cap, stops at the target' if self.stop_at_target else ''})")
+      bound = "<=" if self.stop_at_target and end == self.total_steps else ""
+      whence = ("" if not self.stop_at_target else f"; to the cap, unless it reaches the target"
+                if end == self.total_steps else f"; to the target, extrapolated at step ~{end}")
+      text += (f"  eta {'>=' if unknown else bound}{duration(eta['total'])} ({detail}{whence})")
     sweep = SweepProgress.current
     if sweep is not None:
       text += "  |  " + sweep.status(current_left=eta["total"])

@@ -315,6 +315,7 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
   tracker = progress.TrialProgress(
       B, spec.total_steps, step, eval_every=spec.eval_every_steps,
       stop_at_target=spec.stop_at_target,
+      target=(book["target"]["metric"], book["target"]["value"]),
       curvature_every=spec.curvature_every_steps if measure_curvature else None)
   evaluate = tracker.timed("evaluation", evaluate)   # their measured cost goes into the ETA
   measure_curvature = measure_curvature and tracker.timed("curvature", measure_curvature)

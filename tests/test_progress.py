@@ -69,8 +69,8 @@ def test_stop_at_target_says_the_eta_is_to_the_cap_and_a_terminal_gets_a_bar():
   tracker.timed("curvature", lambda: None)()
   tracker.segment(15, 15, 3.0, 1.0)
   assert out.getvalue().startswith("\r[##########..........] step 15/30")
-  assert "eta <=3s (train 3s, evaluation 0s, curvature 0s; to the step cap, stops at the target)" \
-      in out.getvalue()
+  assert "eta <=3s (train 3s, evaluation 0s, curvature 0s; to the cap, unless it reaches the" \
+      " target)" in out.getvalue()
   tracker.close()
   assert out.getvalue().endswith("\n")
 
@@ -141,3 +141,26 @@ def test_a_cost_is_the_median_of_the_latest_calls_after_the_compiling_first():
     if seconds == 5.0:
       assert tracker.cost == {"evaluation": 5.0}   # alone, the compiling call stands for all
   assert tracker.cost == {"evaluation": pytest.approx(0.6)}
+
+
+def test_a_trial_that_stops_at_its_target_counts_to_the_extrapolated_crossing():
+  clock, out = FakeClock(), io.StringIO()
+  tracker = progress.TrialProgress(8, 300, eval_every=10, stop_at_target=True,
+                                   target=("valid/error", 0.04), stream=out, clock=clock)
+
+  def evaluate(error):
+    clock.now += 1.0
+    return {"valid/error": error}
+  evaluate = tracker.timed("evaluation", evaluate)
+  for step, seconds in ((10, 10.0), (20, 5.0), (30, 5.0)):
+    tracker.segment(step, 10, seconds, 1.0)
+    evaluate(0.5 * 10 / step)   # error = 5 / step: crosses 0.04 at step 125
+  assert tracker.end_step() == 125
+  # To the evaluation at 130 that sees it: 100 steps at 2/s; evaluations at 40..130, 1 s each.
+  assert tracker.eta(30) == {"train": 50.0, "evaluation": 10.0, "total": 60.0}
+  assert tracker.line(30, 1.0).endswith(
+      "eta 1m00s (train 50s, evaluation 10s; to the target, extrapolated at step ~125)")
+  for step, error in ((40, 0.3), (50, 0.35)):   # the error rose: no trend, back to the cap
+    tracker.segment(step, 10, 5.0, 1.0)
+    evaluate(error)
+  assert tracker.end_step() == 300
