@@ -5,8 +5,10 @@ the steady-state rate (the first segment, which compiles, left out once there is
 evaluations still scheduled and the curvature measurements still scheduled, each at the median of
 its latest measured costs (the first of each includes its compilation: left out once there is
 another, so the first ETAs run high). It counts to the step cap; a trial that stops at its target
-counts to where a power law through its last three evaluations crosses the target, and says so
-(before that: 'eta <=', to the cap).
+counts to where a power law fitted to its latest evaluations crosses the target, and says so
+(before three evaluations: 'eta <=', to the cap). Measured on the default study's 60 trials, from
+their halfway point: the extrapolated steps left are a median 1.03x the real ones, within 1.5x for
+a third of the trials (evaluations are noisy near the target); to the cap they were 4.4x.
 
 A sweep's ETA: for each trial still to run, the median wall time of the trials with the same batch
 size that ran in this process (else of the latest three), plus what is left of the current one;
@@ -24,6 +26,10 @@ import sys
 import time
 
 import numpy as np
+
+# Evaluations a trial's trend to its target is fitted to: 3, 5 and all gave a median further from
+# the real steps left on the default study (0.86, 0.86, 0.64x; 8: 1.03x).
+TREND_EVALUATIONS = 8
 
 
 def evaluations_left(step: int, total: int, every: int) -> int:
@@ -100,11 +106,11 @@ class TrialProgress:
 
   def end_step(self) -> int:
     """Where the trial should end: the step cap, or, when it stops at the target, the step at
-    which a power law through the last three evaluations (log metric linear in log step) crosses
-    the target, if the metric is falling (capped)."""
-    pts = [(s, v) for s, v in self.evaluations[-3:]
+    which a power law fitted to the last TREND_EVALUATIONS evaluations (at least 3; log metric
+    linear in log step) crosses the target, if the metric is falling (capped)."""
+    pts = [(s, v) for s, v in self.evaluations[-TREND_EVALUATIONS:]
            if s > 0 and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
-    if not (self.stop_at_target and self.target and len(pts) == 3):
+    if not (self.stop_at_target and self.target and len(pts) >= 3):
       return self.total_steps
     slope, intercept = np.polyfit(np.log([s for s, _ in pts]), np.log([v for _, v in pts]), 1)
     if slope >= 0:
