@@ -201,6 +201,7 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   windows = sorted({(t.batch_size, _ema_window_examples(t)) for t in trials
                     if _ema_window_examples(t)})
   captions = findings.captions(trials)
+  stops = collections.Counter(t.stop_reason or t.status for t in trials)
   parts = [
       f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {h(workdir)}</title>"
       f"<style>{_CSS}</style></head><body><h1>Scaling report: {h(os.path.abspath(workdir))}</h1>",
@@ -208,7 +209,8 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
       "<h2>Findings</h2><p class='findings'>"
       + " ".join(h(s) for s in findings.findings(trials, best_rows, fits,
                                                  expected_trials(workdir))) + "</p>",
-      f"<p><b>Protocol.</b> {h(findings.protocol(trials))}</p>"]
+      f"<p><b>Protocol.</b> {h(findings.protocol(trials))} Why trials stopped: "
+      f"{h(', '.join(f'{k}: {v}' for k, v in sorted(stops.items())) or '–')}.</p>"]
   pending = _pending_rows(trials, trows, workdir)
   if pending:
     parts += ["<h2>Trials not finished</h2>",

@@ -372,7 +372,7 @@ def test_tiny_real_sweep_records_the_protocol_and_plots_it(tmp_path):
   text = check_report(tmp_path)
   pngs = set(os.listdir(os.path.join(tmp_path, "report")))
   assert {"steps_to_target.png", "tuned_lr.png", "equal_loss.png", "resources.png"} <= pngs
-  assert "Why trials stopped" in text and "Step caps: B=16: 150, B=64: 150" in text
+  assert "Why trials stopped" in text and "a step cap per batch size (B=16: 150, B=64: 150" in text
 
 
 @pytest.mark.slow
