@@ -121,6 +121,12 @@ def _fit_sentence(fit, rows):
           f"({_fmt_interval(fit['s_min_lo'], fit['s_min_hi'])})")
   if fit["note"]:
     text += f"; {fit['note']}"
+  if math.isfinite(fit["b_crit_lo"]) and not (0 < fit["b_crit_lo"] and
+                                               math.isfinite(fit["b_crit_hi"])):
+    text += (f"; B_crit's interval is unbounded{' below' if fit['b_crit_lo'] <= 0 else ''}"
+             f"{' and' if fit['b_crit_lo'] <= 0 and not math.isfinite(fit['b_crit_hi']) else ''}"
+             f"{' above' if not math.isfinite(fit['b_crit_hi']) else ''}: these {len(used)} batch"
+             " sizes do not pin B_crit down")
   if fit["b_crit"] < min(used) or fit["b_crit"] > max(used):
     text += f"; B_crit lies outside the measured {_b_range(sorted(used))}: an extrapolation"
   return text + "."
