@@ -32,7 +32,7 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, metrics, schedule, sharding, train, vectorized
+from scaling import checkpoint, metrics, progress, schedule, sharding, train, vectorized
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -261,12 +261,7 @@ def _run_trials(ready: list[Trial]) -> list[dict]:
   """One trial alone (train.run), or several in one vmapped program (vectorized.run)."""
   if len(ready) == 1:
     t = ready[0]
-    print(f"[{t.index}] {t.id}: training", flush=True)
     return [train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides)]
-  if not ready:
-    return []
-  print(f"[{','.join(str(t.index) for t in ready)}] training {len(ready)} trials vectorised:"
-        f" {' '.join(t.id for t in ready)}", flush=True)
   return vectorized.run([t.config for t in ready], [t.directory for t in ready],
                         [t.id for t in ready], [t.overrides for t in ready])
 
@@ -297,6 +292,10 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
         "trials": [{"index": t.index, "id": t.id, "directory": os.path.relpath(t.directory, workdir)}
                    for t in trials]})
   summaries = []
+  tracker = progress.SweepProgress([t.config.batch_size for t in chosen], {
+      i for i, t in enumerate(chosen)
+      if (read_summary(t.directory) or {}).get("status") in FINISHED})
+  position_of = {t.index: position for position, t in enumerate(chosen)}
   batches = ([[t] for t in chosen] if config.vectorize_trials <= 1 else
              vectorized.groups(chosen, config.vectorize_trials))
   for batch in batches:
@@ -307,15 +306,26 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
       if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
         print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
         summaries.append(summary)
+        tracker.skip(position_of[t.index])
         continue
       lock = TrialLock(t.directory) if jax.process_index() == 0 else None
       if not sharding.process0_decides(lock is None or lock.acquire()):
         print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
+        tracker.skip(position_of[t.index])
         continue
       ready.append(t)
       locks.append(lock)
+    if not ready:
+      continue
     try:
-      summaries += _run_trials(ready)
+      # '...: training' and the sweep's state; a vectorised group counts as its first member.
+      tracker.start(position_of[ready[0].index],
+                    f"[{','.join(str(t.index) for t in ready)}] {' '.join(t.id for t in ready)}"
+                    + (f" ({len(ready)} vectorised)" if len(ready) > 1 else ""))
+      ran = _run_trials(ready)
+      summaries += ran
+      for summary in ran:
+        tracker.end(summary.get("status", "done"))
     except (ConfigError, metrics.DiskFull):   # bad input, or a disk every later trial shares
       raise
     except Exception as error:   # these trials' own failure: record it, go on to the next
@@ -323,13 +333,16 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
         summary = read_summary(t.directory)
         finished = summary and summary.get("status") in FINISHED
         summaries.append(summary if finished else record_failure(t, error))
+        tracker.end(summaries[-1].get("status", "failed"))
     except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
       write_csv(workdir, trials, plans)
       raise
     finally:
+      tracker.leave()
       for lock in locks:
         if lock:
           lock.release()
     write_csv(workdir, trials, plans)
+  tracker.finish()
   write_csv(workdir, trials, plans)
   return summaries
