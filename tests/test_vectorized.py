@@ -160,7 +160,7 @@ def test_a_rerun_skips_the_finished_members(runs, capsys):
   root, trials, summaries, _ = runs
   again = sweep.main(_sweep_config(), str(root / "sweep"))
   assert [s["status"] for s in again] == ["done", "done", "diverged"]
-  assert capsys.readouterr().out.count("skipped") == 3
+  assert capsys.readouterr().out.count(": already ") == 3   # "[i] id: already done, skipped"
 
 
 def test_groups_share_everything_but_seed_and_lr():
