@@ -68,4 +68,5 @@ def test_smoke_reuses_or_runs_the_shallue_momentum_sweep(tmp_path, capsys):
   assert len(saved["verdicts"]) == 3 and all(v["claim"] in out for v in saved["verdicts"])
   # a second run trains nothing: every trial is already done
   common.main(mccandlish.run, argv, "mccandlish", mccandlish.add_arguments)
-  assert "training" not in capsys.readouterr().out
+  second = capsys.readouterr().out
+  assert ": training" not in second and "already done, skipped" in second
