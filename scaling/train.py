@@ -4,6 +4,8 @@
 are small), each epoch's order is a device-side permutation from (seed, epoch), and `chunk_steps`
 steps run per dispatch under one `lax.scan`, so Python overhead does not dominate small batches.
 Per-step metrics stay on the device until the next evaluation, so dispatch never waits for them.
+A training set too large for that (`dataset.placement`) is read per batch on the host in the same
+order instead (scaling/data/host.py: `HostChunk` stands in for the jitted chunk).
 `chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
 unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
 """

@@ -86,8 +86,8 @@ def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
     read_train = lambda index: (images[index], labels[index])
   else:
     builder = _prepared_builder(name, data_dir)
-    read_train, test_reader = _reader(builder, "train"), _reader(builder, "test")
-    test_images, test_labels = test_reader(np.arange(builder.info.splits["test"].num_examples))
+    read_train = _reader(builder, "train")
+    test_images, test_labels = _read_split(builder, "test")
     num_classes, pixel_scale = builder.info.features["label"].num_classes, 1 / 255
 
   num_train = len(labels) if name == "digits" else builder.info.splits["train"].num_examples
@@ -225,6 +225,10 @@ def _reader(builder, split: str):
     return (np.stack([example["image"] for example in examples]),
             np.array([example["label"] for example in examples], np.int32))
   return read
+
+
+def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  return _reader(builder, split)(np.arange(builder.info.splits[split].num_examples))
 
 
 def _example_bytes(builder) -> float:
