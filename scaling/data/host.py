@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import sharding
+from scaling import noise_scale, sharding
 
 
 def epoch_order(data_key, epoch, num_examples):
@@ -96,11 +96,16 @@ class Prefetcher:
 _epoch_order_jit = jax.jit(epoch_order, static_argnums=2)
 
 
-def scan_steps(state, images_KxBxX, labels_KxB, *, step_fn, pixel_scale, unroll):
-  """K training steps on K placed batches in one scan (the host path's train_chunk)."""
+def scan_steps(state, init_params, images_KxBxX, labels_KxB, *, step_fn, pixel_scale,
+               unroll):
+  """K training steps on K placed batches in one scan (the host path's train.train_chunk, with
+  the same metrics: the parameters' distance from `init_params` too)."""
   def body(state, batch):
     images_BxX, labels_B = batch
-    return step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B)
+    state, metrics = step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B)
+    metrics["param_distance_from_init"] = jnp.sqrt(noise_scale.sq_norm(
+        jax.tree.map(jnp.subtract, state.params, init_params)))
+    return state, metrics
   return jax.lax.scan(body, state, (images_KxBxX, labels_KxB), unroll=unroll)
 
 
@@ -116,22 +121,22 @@ class HostChunk:
                                  steps_per_epoch=steps_per_epoch,
                                  rows=sharding.process_rows(mesh, batch_size),
                                  start_step=start_step, depth=2 * chunk_steps)
-    self._jit = jax.jit(lambda state, images, labels: scan_steps(
-        state, images, labels, step_fn=step_fn, pixel_scale=pixel_scale, unroll=unroll),
-        donate_argnums=0)
+    self._jit = jax.jit(lambda state, init_params, images, labels: scan_steps(
+        state, init_params, images, labels, step_fn=step_fn, pixel_scale=pixel_scale,
+        unroll=unroll), donate_argnums=0)
     self._last = None   # the placed batches of the latest call (for `lower`)
 
   def _batches(self, num_steps):
     return sharding.put_process_rows(self.prefetcher.take(num_steps), self._mesh, self._batch_size)
 
-  def __call__(self, state, num_steps: int):
+  def __call__(self, state, init_params, num_steps: int):
     self._last = self._batches(num_steps)
-    return self._jit(state, *self._last)
+    return self._jit(state, init_params, *self._last)
 
-  def lower(self, state, num_steps: int):
+  def lower(self, state, init_params, num_steps: int):
     """The compiled chunk of `num_steps` steps (resources.ChunkCost's memory analysis)."""
     assert self._last[0].shape[0] == num_steps
-    return self._jit.lower(state, *self._last)
+    return self._jit.lower(state, init_params, *self._last)
 
   def close(self):
     self.prefetcher.close()
