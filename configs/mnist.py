@@ -17,6 +17,11 @@ def get_config():
       data_dir="",            # '' = $TFDS_DATA_DIR, else TFDS's default
       validation_size=5000,   # held out from the end of train (Shallue et al.)
       train_size=0,           # 0 = all remaining training examples
+      # Training set on every device (fast, small sets) or read per batch from the data set's
+      # array_record files on the host (scaling/data/host.py): auto | device | host. auto = host
+      # when the training set exceeds device_fraction of one device's memory.
+      placement="auto",
+      device_fraction=0.25,
   ))
   c.model = ml_collections.ConfigDict(dict(name="cnn", widths=(512, 512), batch_norm=False))
   c.optimizer = ml_collections.ConfigDict(dict(

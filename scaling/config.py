@@ -43,6 +43,11 @@ def _fraction(x) -> bool:     # [0, 1)
 
 # (dotted field, test of its value, what a valid value is). Ordered as the config files are.
 _RULES = (
+    ("dataset.placement", lambda x: x in ("auto", "device", "host"),
+     "'auto' (host when the train set is large), 'device' or 'host'"),
+    ("dataset.device_fraction", lambda x: _finite(x) and 0 < x <= 1,
+     "a number in (0, 1]: auto places the train set on the host above this share of a device's"
+     " memory"),
     ("batch_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("reference_batch_size", lambda x: _int(x) and x >= 1,
      "an integer >= 1: the batch size at which lr = base_lr"),

@@ -261,7 +261,7 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
   """Expands, validates, then runs the selected trials in order; returns their summaries."""
   trials = expand(config, workdir)
   mesh = sharding.make_mesh(config.num_devices)
-  num_train = len(train.load_data(config).train_labels)
+  num_train = train.load_data(config).num_train
   plans = validate(trials, num_train, mesh.size)
   if list_only:
     print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")

@@ -4,6 +4,8 @@
 are small), each epoch's order is a device-side permutation from (seed, epoch), and `chunk_steps`
 steps run per dispatch under one `lax.scan`, so Python overhead does not dominate small batches.
 Per-step metrics stay on the device until the next evaluation, so dispatch never waits for them.
+A training set too large for that (`dataset.placement`) is read per batch on the host in the same
+order instead (scaling/data/host.py: `HostChunk` stands in for the jitted chunk).
 `chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
 unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
 """
@@ -28,9 +30,7 @@ from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
 
 
-def epoch_order(data_key, epoch, num_examples):
-  """The example order of one epoch: a pure function of (seed, epoch), so a resume replays it."""
-  return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+epoch_order = data.host.epoch_order   # one order for both placements of the training set
 
 
 def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
@@ -92,7 +92,9 @@ def load_data(config) -> data.Splits:
   try:
     return data.load(dataset.name, data_dir=dataset.data_dir or None,
                      validation_size=dataset.validation_size, train_size=dataset.train_size or None,
-                     context_length=context_length(config))
+                     context_length=context_length(config), placement=dataset.placement,
+                     device_fraction=dataset.device_fraction, head_size=max(
+                         config.train_eval_size, config.curvature.subset_size))
   except (ValueError, FileNotFoundError) as error:  # data.load's errors name the field already
     raise ConfigError(str(error)) from None
 
@@ -128,7 +130,7 @@ def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: i
 
 def build(config, splits, mesh):
   """(plan, model, learning-rate schedule, optimizer) of a trial: everything its state depends on."""
-  plan = check_config(config, len(splits.train_labels), mesh.size)
+  plan = check_config(config, splits.num_train, mesh.size)
   model = models.build(config.model, splits.num_classes)
   lr_fn = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction)
   return plan, model, lr_fn, steplib.make_optimizer(config.optimizer, lr_fn)
@@ -161,6 +163,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   resolved = resolved_config(config, plan, mesh.size, num_params)
   if splits.context_length:
     resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
+  resolved["derived"]["data_placement"] = "host" if splits.train_source else "device"
   resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
@@ -185,12 +188,12 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
   write_json(os.path.join(workdir, "config.json"), resolved)
 
-  if splits.train_text is None:
-    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
-    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
-  else:  # random windows of the whole train text; its fixed windows only size an epoch
+  if splits.train_text is not None:  # random windows of the train text; fixed ones size an epoch
     gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
     train_arrays = sharding.put_replicated((splits.train_text,), mesh)
+  elif not splits.train_source:   # on the device; else read per batch (data.host.HostChunk below)
+    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
   eval_sets = {
       "valid": (splits.valid_images, splits.valid_labels),
       "test": (splits.test_images, splits.test_labels),
@@ -208,17 +211,25 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
       augment_key=jax.random.PRNGKey(config.seed + 2_000_003),
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
-  chunk_fn = resources.ChunkCost(jax.jit(
-      functools.partial(train_chunk, num_examples=len(splits.train_labels),
-                        batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
-                        gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
-                        shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
-      static_argnames="num_steps", donate_argnames="state"),
-      book.setdefault("resources", {}), config.batch_size)
+  data_key = jax.random.PRNGKey(config.seed + 1_000_003)
+  if splits.train_source:   # each process reads its rows of each batch, from `step` on
+    chunk, train_data = data.host.HostChunk(
+        splits.train_source, data_key, mesh, batch_size=config.batch_size,
+        steps_per_epoch=plan.steps_per_epoch, start_step=step, chunk_steps=config.chunk_steps,
+        step_fn=step_fn, pixel_scale=splits.pixel_scale,
+        unroll=config.chunk_unroll), (init_params,)
+  else:
+    chunk = jax.jit(
+        functools.partial(train_chunk, num_examples=len(splits.train_labels),
+                          batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
+                          gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
+                          shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
+        static_argnames="num_steps", donate_argnames="state")
+    train_data = (train_arrays, data_key, init_params)
+  chunk_fn = resources.ChunkCost(chunk, book.setdefault("resources", {}), config.batch_size)
   book["step_cap"] = plan.total_steps
   eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
                                       pixel_scale=splits.pixel_scale))
-  data_key = jax.random.PRNGKey(config.seed + 1_000_003)
 
   def evaluate(state):
     results = {}
@@ -237,9 +248,11 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   try:
     return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
                        state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
-                       measure_curvature=measure, train_data=(train_arrays, data_key, init_params))
+                       measure_curvature=measure, train_data=train_data)
   finally:
     ckpts.close()
+    if splits.train_source:
+      chunk.close()
 
 
 @dataclasses.dataclass(frozen=True)

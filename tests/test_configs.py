@@ -29,6 +29,7 @@ def get_config(name):
 class _Sized:
   def __init__(self, n):
     self.train_labels = np.zeros(n, np.int32)
+    self.num_train = n
 
 
 @pytest.mark.parametrize("name", CONFIGS)
