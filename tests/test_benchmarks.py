@@ -8,16 +8,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Without the test session's compilation cache (tests/conftest.py): a benchmark measures compiling
-# and reads the compiled step's FLOPs, which an executable loaded from the cache may not carry.
-NO_CACHE_ENV = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def test_bench_throughput_tiny_prints_its_table(tmp_path):
   out = tmp_path / "throughput.json"
   result = subprocess.run(
       [sys.executable, "benchmarks/bench_throughput.py", "--tiny", "--methods=F,J", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, env=NO_CACHE_ENV)
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("model") and "F/J" in line)
