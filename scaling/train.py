@@ -23,6 +23,7 @@ import numpy as np
 from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
 from scaling import bookkeeping, resources
+from scaling import noise_scale as noise_scale_lib
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
@@ -211,6 +212,12 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   book["step_cap"] = plan.total_steps
   eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
                                       pixel_scale=splits.pixel_scale))
+  # The initial parameters, rebuilt from the seed (a resume gets the same ones): every evaluation
+  # logs the distance travelled from them (Keskar et al.; Hoffer et al.'s log(steps) law). A
+  # fresh buffer: the training state's own is donated to the first chunk.
+  init_params = jax.jit(init, out_shardings=state_sharding)(rng).params
+  init_distance_fn = jax.jit(lambda p, p0: jnp.sqrt(noise_scale_lib.sq_norm(
+      jax.tree.map(jnp.subtract, p, p0))))
   data_key = jax.random.PRNGKey(config.seed + 1_000_003)
 
   def evaluate(state):
@@ -223,6 +230,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       results[f"{split}/error"] = float(errors) / float(count)
       if splits.context_length:   # bits per character: the language-modelling unit
         results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
+    results["init_distance"] = float(sharding.to_host(init_distance_fn(state.params, init_params)))
     return results
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
@@ -253,6 +261,7 @@ class LoopSpec:
   loss_multiple: float                  # diverged past this multiple of the initial loss (0: off)
   curvature_every_steps: int
   curvature_density: bool
+  curvature_top_only: bool              # the every_steps measurements: top eigenvalue only
 
   @classmethod
   def of(cls, config, plan: schedule.Plan, workdir: str, groups: int) -> "LoopSpec":
@@ -266,7 +275,8 @@ class LoopSpec:
         noise_ema_decay=config.noise_scale.ema_decay,
         loss_multiple=config.divergence.loss_multiple,
         curvature_every_steps=config.curvature.every_steps,
-        curvature_density=config.curvature.density)
+        curvature_density=config.curvature.density,
+        curvature_top_only=config.curvature.scheduled == "top_eigenvalue")
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
@@ -373,7 +383,9 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
         if measure_curvature and (finishing or newly_reached or _crossed(
             step, book["last_curvature_step"], spec.curvature_every_steps)):
           results = measure_curvature(state, step, step_seconds=B / rate,
-                                      density=finishing and spec.curvature_density)
+                                      density=finishing and spec.curvature_density,
+                                      top_only=spec.curvature_top_only and not (
+                                          finishing or newly_reached))
           density = results.pop("curvature/density", None)
           if density and jax.process_index() == 0:
             np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
