@@ -30,6 +30,7 @@ from scaling import measure, measure_checkpoint, metrics
 SMALL_BATCH = 256
 TRAIN_TARGET = 0.005          # train_eval/error below 0.5%: "trained to near 100% accuracy"
 SHARPNESS_EPS = (1e-3, 5e-4)  # Keskar et al. Table 3
+MIN_SEEDS = 2                 # finished seeds per batch size for a verdict
 PAPER = {"test_acc": (98.03, 97.81), 1e-3: (1.23, 205.14), 5e-4: (0.61, 42.90)}
 
 # Per scale: data, widths, small batch, seeds, epoch caps (SB, LB), evaluations every (SB, LB)
@@ -106,17 +107,20 @@ def compare(claim: str, small: list[float], large: list[float], *, larger: str, 
             unit: str = "", paper: str = "") -> common.Verdict:
   """CONFIRMED when the side named `larger` has mean >= ratio x the other's mean and the seed
   ranges do not overlap; NOT CONFIRMED when its mean is not above the other's; else
-  INCONCLUSIVE."""
+  INCONCLUSIVE, and always INCONCLUSIVE with fewer than MIN_SEEDS finished seeds a side (one seed
+  has no range)."""
   big, other = (large, small) if larger == "LB" else (small, large)
   m_big, m_other = float(np.mean(big)), float(np.mean(other))
   separated = min(big) > max(other)
   r = m_big / m_other if m_other > 0 else float("inf")
   holds = True if separated and r >= ratio else False if m_big <= m_other else None
+  if min(len(small), len(large)) < MIN_SEEDS:
+    holds = None
   fmt = lambda xs: ", ".join(f"{x:.4g}" for x in xs)
   evidence = (f"SB mean {np.mean(small):.4g}{unit} [{fmt(small)}], LB mean {np.mean(large):.4g}"
               f"{unit} [{fmt(large)}], {larger}/other = {r:.3g}{paper}")
   rule = (f"{larger} mean >= {ratio:g} x the other's with non-overlapping seed ranges; NOT"
-          f" CONFIRMED if {larger}'s mean is not above the other's")
+          f" CONFIRMED if {larger}'s mean is not above the other's; >= {MIN_SEEDS} seeds a side")
   return common.decide(claim, holds, evidence, rule)
 
 

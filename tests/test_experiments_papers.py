@@ -31,7 +31,10 @@ def test_keskar_compare_decides_by_ratio_and_separation():
   assert keskar.compare("c", [1.0, 1.0, 5.0], [4.0, 30.0, 30.0], larger="LB",
                         ratio=3).outcome == common.INCONCLUSIVE
   # Separated but ratio 1.5 < 3: INCONCLUSIVE; LB mean below SB's: NOT CONFIRMED.
-  assert keskar.compare("c", [1.0], [1.5], larger="LB", ratio=3).outcome == common.INCONCLUSIVE
+  assert keskar.compare("c", [1.0, 1.1], [1.5, 1.6], larger="LB",
+                        ratio=3).outcome == common.INCONCLUSIVE
+  # One seed a side has no range: INCONCLUSIVE even at ratio 10.
+  assert keskar.compare("c", [1.0], [10.0], larger="LB", ratio=3).outcome == common.INCONCLUSIVE
   assert keskar.compare("c", [2.0, 2.0], [1.0, 3.0], larger="LB",
                         ratio=1).outcome == common.NOT_CONFIRMED
   assert keskar.compare("c", [98.1, 98.0], [97.8, 97.9], larger="SB",
