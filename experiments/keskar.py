@@ -136,7 +136,7 @@ def run(args) -> list[common.Verdict]:
            "train_acc": 100 * (1 - t.final["train_eval/error"]),
            "trace": t.final["curvature/hessian_trace"],
            "top_eig": t.final["curvature/top_eigenvalue"],
-           "init_distance": t.final["init_distance"],
+           "init_distance": t.final["param_distance_from_init"],
            "epochs": t.last_step * t.batch_size / num_train(s),
            **lbfgsb_sharpness(t.path, s["lbfgsb_iter"])}
     by_batch.setdefault(t.batch_size, []).append(row)

@@ -62,6 +62,7 @@ def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_
       continue
     record = {k: v / window["steps"] for k, v in window["sums"].items()}
     record.update(lr=float(metrics_K["lr"][i]), param_norm=float(metrics_K["param_norm"][i]),
+                  param_distance_from_init=float(metrics_K["param_distance_from_init"][i]),
                   examples_per_sec=examples_per_sec, **noise_metrics(book["noise"]))
     writer.write(done, record)
     book["last_train"] = {k: record[k] for k in ("train/loss", "train/accuracy")}

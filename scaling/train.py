@@ -22,8 +22,7 @@ import numpy as np
 
 from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
-from scaling import bookkeeping, resources
-from scaling import noise_scale as noise_scale_lib
+from scaling import bookkeeping, noise_scale, progress, resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
@@ -41,10 +40,12 @@ def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
   return images_NxX[idx_B].astype(jnp.float32) * pixel_scale, labels_N[idx_B]
 
 
-def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size, steps_per_epoch,
-                gather, step_fn, shard_batch, unroll):
+def train_chunk(state, arrays, data_key, init_params, *, num_steps, num_examples, batch_size,
+                steps_per_epoch, gather, step_fn, shard_batch, unroll):
   """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
-  `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order. Each step
+  also measures its parameters' distance from `init_params` (Hoffer et al. 2017: it grows like
+  log(steps)); one subtraction per parameter, next to the step's own cost."""
   n = num_examples
 
   def body(carry, _):
@@ -56,6 +57,8 @@ def train_chunk(state, arrays, data_key, *, num_steps, num_examples, batch_size,
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
     inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
     state, metrics = step_fn(state, inputs_BxX, targets_B)
+    metrics["param_distance_from_init"] = jnp.sqrt(noise_scale.sq_norm(
+        jax.tree.map(jnp.subtract, state.params, init_params)))
     return (state, order_N), metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
@@ -175,6 +178,9 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   else:
     step, book = 0, bookkeeping.new_bookkeeping(config)
     state = jax.jit(init, out_shardings=state_sharding)(rng)
+  # The initial parameters, rebuilt from the seed (a resumed run gets the same ones), in their own
+  # buffers: the training state's are donated to the first chunk.
+  init_params = jax.jit(init, out_shardings=state_sharding)(rng).params
   # Records past the restored step are rewritten by this run (all of them when starting afresh).
   metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
   write_json(os.path.join(workdir, "config.json"), resolved)
@@ -212,12 +218,6 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   book["step_cap"] = plan.total_steps
   eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
                                       pixel_scale=splits.pixel_scale))
-  # The initial parameters, rebuilt from the seed (a resume gets the same ones): every evaluation
-  # logs the distance travelled from them (Keskar et al.; Hoffer et al.'s log(steps) law). A
-  # fresh buffer: the training state's own is donated to the first chunk.
-  init_params = jax.jit(init, out_shardings=state_sharding)(rng).params
-  init_distance_fn = jax.jit(lambda p, p0: jnp.sqrt(noise_scale_lib.sq_norm(
-      jax.tree.map(jnp.subtract, p, p0))))
   data_key = jax.random.PRNGKey(config.seed + 1_000_003)
 
   def evaluate(state):
@@ -230,7 +230,6 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
       results[f"{split}/error"] = float(errors) / float(count)
       if splits.context_length:   # bits per character: the language-modelling unit
         results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
-    results["init_distance"] = float(sharding.to_host(init_distance_fn(state.params, init_params)))
     return results
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
@@ -238,7 +237,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   try:
     return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
                        state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
-                       measure_curvature=measure, train_data=(train_arrays, data_key))
+                       measure_curvature=measure, train_data=(train_arrays, data_key, init_params))
   finally:
     ckpts.close()
 
@@ -322,8 +321,15 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
   B, T = spec.batch_size, spec.tokens_per_example
+  tracker = progress.TrialProgress(
+      B, spec.total_steps, step, eval_every=spec.eval_every_steps,
+      stop_at_target=spec.stop_at_target,
+      target=(book["target"]["metric"], book["target"]["value"]),
+      curvature_every=spec.curvature_every_steps if measure_curvature else None)
+  evaluate = tracker.timed("evaluation", evaluate)   # their measured cost goes into the ETA
+  measure_curvature = measure_curvature and tracker.timed("curvature", measure_curvature)
   writer = metrics_lib.MetricsWriter(spec.workdir, B, spec.total_steps, step, book["elapsed"],
-                                     tokens_per_example=T)
+                                     tokens_per_example=T, tracker=tracker)
   summary_path = os.path.join(spec.workdir, "summary.json")
 
   def save(state, step):
