@@ -75,6 +75,10 @@ def get_config():
   # On for the MLP sweep (configs/mnist_sweep.py) and meant for accelerators.
   c.curvature = ml_collections.ConfigDict(dict(
       enabled=False, every_steps=0, subset_size=1024, unroll=False,
+      # What the every_steps measurements compute: 'all', or 'top_eigenvalue' (warm-started
+      # Lanczos only: cheap enough to follow the sharpness every few steps, Cohen et al. 2021).
+      # At the target and at the end everything is measured.
+      scheduled="all",
       # Hutchinson: stop at standard error <= trace_tol * |trace|, after min_probes, at most
       # max_probes (whole chunks of probe_chunk).
       max_probes=100, probe_chunk=10, trace_tol=0.05, min_probes=20,

@@ -82,6 +82,8 @@ _RULES = (
     ("curvature.every_steps", lambda x: _int(x) and x >= 0,
      "an integer >= 0 (0 = only at the end)"),
     ("curvature.subset_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.scheduled", lambda x: x in ("all", "top_eigenvalue"),
+     "'all' or 'top_eigenvalue' (what the every_steps measurements compute)"),
     ("curvature.max_probes", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.min_probes", lambda x: _int(x) and x >= 2,
      "an integer >= 2 (the standard error of the trace needs two probes)"),

@@ -273,6 +273,7 @@ class LoopSpec:
   loss_multiple: float                  # diverged past this multiple of the initial loss (0: off)
   curvature_every_steps: int
   curvature_density: bool
+  curvature_top_only: bool              # the every_steps measurements: top eigenvalue only
 
   @classmethod
   def of(cls, config, plan: schedule.Plan, workdir: str, groups: int) -> "LoopSpec":
@@ -286,7 +287,8 @@ class LoopSpec:
         noise_ema_decay=config.noise_scale.ema_decay,
         loss_multiple=config.divergence.loss_multiple,
         curvature_every_steps=config.curvature.every_steps,
-        curvature_density=config.curvature.density)
+        curvature_density=config.curvature.density,
+        curvature_top_only=config.curvature.scheduled == "top_eigenvalue")
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
@@ -400,7 +402,9 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
         if measure_curvature and (finishing or newly_reached or _crossed(
             step, book["last_curvature_step"], spec.curvature_every_steps)):
           results = measure_curvature(state, step, step_seconds=B / rate,
-                                      density=finishing and spec.curvature_density)
+                                      density=finishing and spec.curvature_density,
+                                      top_only=spec.curvature_top_only and not (
+                                          finishing or newly_reached))
           density = results.pop("curvature/density", None)
           if density and jax.process_index() == 0:
             np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
