@@ -56,14 +56,21 @@ class TrialInputs:
                augment_key=jax.random.PRNGKey(seed + 2_000_003))
 
 
-def train_chunk(state, arrays, inputs: TrialInputs, *, num_steps, num_examples, batch_size,
-                steps_per_epoch, gather, step_fn, shard_batch, unroll):
-  """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
-  `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
+def train_chunk(state, arrays, inputs: TrialInputs, num_active, *, num_steps, num_examples,
+                batch_size, steps_per_epoch, gather, step_fn, shard_batch, unroll):
+  """The first `num_active` (a runtime count, at most `num_steps`) of `num_steps` training steps,
+  in one program: the shorter chunks at the end of a segment or before a log record reuse the
+  compiled chunk instead of compiling one per length. `gather` (per data kind: `gather_examples`,
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order.
+
+  Returns the state, the per-step metrics [num_steps] (zeros past num_active) and the parameter
+  norm after the last step (once per chunk: the loop ends a chunk at every log record).
+  Rolled (`unroll` false): a loop of num_active iterations. Unrolled (XLA:CPU's convolutions are
+  ~10x slower in loops): num_steps steps, each past num_active skipped by a lax.cond.
+  """
   n, data_key = num_examples, inputs.data_key
 
-  def body(carry, _):
-    state, order_N = carry
+  def one_step(state, order_N):
     pos = state.step % steps_per_epoch
     order_N = jax.lax.cond(pos == 0, lambda: epoch_order(data_key, state.step // steps_per_epoch, n),
                            lambda: order_N)
@@ -71,12 +78,26 @@ def train_chunk(state, arrays, inputs: TrialInputs, *, num_steps, num_examples, 
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
     inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
     state, metrics = step_fn(state, inputs_BxX, targets_B, inputs.augment_key, inputs.peak_lr)
-    return (state, order_N), metrics
+    return state, order_N, metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
-  (state, _), metrics_K = jax.lax.scan(body, (state, first_order), None, length=num_steps,
-                                       unroll=unroll)
-  return state, metrics_K
+  zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                       jax.eval_shape(one_step, state, first_order)[2])
+  metrics_K = jax.tree.map(lambda z: jnp.zeros((num_steps, *z.shape), z.dtype), zeros)
+
+  def body(i, carry):
+    state, order_N, metrics_K = carry
+    state, order_N, metrics = one_step(state, order_N)
+    return state, order_N, jax.tree.map(lambda buf, m: buf.at[i].set(m), metrics_K, metrics)
+
+  carry = (state, first_order, metrics_K)
+  if unroll:
+    for i in range(num_steps):
+      carry = jax.lax.cond(i < num_active, functools.partial(body, i), lambda c: c, carry)
+  else:
+    carry = jax.lax.fori_loop(0, num_active, body, carry)
+  state, _, metrics_K = carry
+  return state, metrics_K, steplib.param_norm(state.params)
 
 
 def _padded_eval_set(images, labels, eval_batch, mesh):
@@ -350,29 +371,39 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
       # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
       segment_end = min(spec.total_steps,
                         (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
-      chunks, started, stopping = [], time.perf_counter(), False
-      for start in range(step, segment_end, spec.chunk_steps):
+      chunks, started, stopping, start = [], time.perf_counter(), False, step
+      while start < segment_end:
         if stop.requested(start):
           segment_end, stopping = start, True
           break
-        state, metrics_K = chunk_fn(state, *train_data,
-                                    num_steps=min(spec.chunk_steps, segment_end - start))
+        # A chunk ends at a log record too: its parameter norm is the record's.
+        end = min(start + spec.chunk_steps, segment_end,
+                  (start // spec.log_every_steps + 1) * spec.log_every_steps)
+        state, metrics_K, norm = chunk_fn(state, *train_data, np.int32(end - start),
+                                          num_steps=spec.chunk_steps)
         if chunks:
           jax.block_until_ready(chunks[-1])
-        chunks.append(metrics_K)
+        chunks.append((start, end, metrics_K, norm))
+        start = end
       if chunks:
-        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
+        fetched = jax.device_get([c[2:] for c in chunks])
+        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *[
+            jax.tree.map(lambda x: x[:end - start], m) for (start, end, *_), (m, _) in
+            zip(chunks, fetched)])
+        param_norms = {end: float(norm) for (_, end, *_), (_, norm) in zip(chunks, fetched)}
         n = segment_end - step
         seconds = time.perf_counter() - started
-        chunk_fn.segment_done(n, seconds)
-        rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
+        compile_seconds = chunk_fn.segment_done(n, seconds)
+        rate = writer.progress(segment_end, n, seconds - compile_seconds,
+                               float(np.mean(metrics_K["train/loss"])))
         if book["initial_loss"] is None:
           book["initial_loss"] = float(metrics_K["train/loss"][0])
         diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
                                     spec.loss_multiple)
         count = diverged[0] + 1 if diverged else n
         bookkeeping.log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
-                   examples_per_sec=rate, spec=spec)
+                              examples_per_sec=rate, spec=spec, param_norms=param_norms,
+                              compile_seconds=compile_seconds)
         if diverged:  # a result, not a crash: record where and why, keep the sweep going
           book.update(status="diverged", diverged_at_step=step + diverged[0],
                       diverged_reason=diverged[1])

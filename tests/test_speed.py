@@ -1,5 +1,6 @@
 """Issue 14: compile once per program shape; a runtime peak LR; per-step overhead; the planner."""
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import optax
 import pytest
 
 from configs import mnist
-from scaling import resources, step as steplib, train
+from scaling import resources, sharding, step as steplib, train
 from tests.tiny import tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
@@ -72,3 +73,27 @@ def test_trials_differing_in_lr_and_seed_share_one_compiled_chunk(tmp_path):
   assert second["compilations"]["train_chunk"] == 0
   assert second["compilations"]["cache_hits"] >= 1
   assert first["final"]["train/loss"] != second["final"]["train/loss"]   # a different trial
+
+
+def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
+  """Chunks of 4 steps, evaluations every 6 and a budget of 14: chunk lengths 4, 2, 4, 2, 2 and
+  records every 4 steps split them further. Before, each new length compiled anew (3 here); now the
+  chunk takes its step count at run time: one compilation. Records keep their steps, and each
+  carries the parameter norm after its own step: the last one equals the final state's norm."""
+  config = tiny_config(**{"budget.length": 14.0, "eval_every.length": 6.0, "num_devices": 1,
+                          "checkpoint.every_steps": 0, "grad_groups": 1})
+  summary = train.run(config, str(tmp_path))
+  assert summary["compilations"]["train_chunk"] == 1
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_records] == [4, 8, 12, 14]
+  assert [r["step"] for r in records if "valid/error" in r] == [6, 12, 14]
+  assert all("param_norm" in r for r in train_records)
+  from scaling import checkpoint
+  _, model, _, optimizer = train.build(config, train.load_data(config),
+                                       sharding.make_mesh(1))
+  abstract, _ = train.abstract_train_state(config, model, optimizer, train.load_data(config),
+                                           sharding.make_mesh(1))
+  _, state, _ = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), 1).restore_latest(abstract)
+  assert train_records[-1]["param_norm"] == pytest.approx(
+      float(steplib.param_norm(state.params)), rel=1e-6)
