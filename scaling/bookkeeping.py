@@ -43,7 +43,7 @@ def noise_metrics(noise: dict) -> dict:
 
 
 def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
-              spec, param_norms, compile_seconds=0.0):
+              spec, param_norms):
   """Folds `count` per-step metrics into the window; writes a record every log_every_steps.
 
   `param_norms` maps a chunk's last step to the parameter norm after it: the loop ends a chunk at
@@ -78,8 +78,6 @@ def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_
                   **noise_metrics(book["noise"]))
     if done in param_norms:
       record["param_norm"] = param_norms[done]
-    if compile_seconds:
-      record["compile_seconds"] = compile_seconds   # this segment's, left out of examples_per_sec
     writer.write(done, record)
     book["last_train"] = {k: record[k] for k in ("train/loss", "train/accuracy")}
     book["window"] = {"steps": 0, "sums": {}}

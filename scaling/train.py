@@ -23,7 +23,7 @@ import numpy as np
 
 from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
-from scaling import bookkeeping, resources
+from scaling import bookkeeping, memory, resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
@@ -178,16 +178,45 @@ def abstract_train_state(config, model, optimizer, splits, mesh):
   return abstract_state, init
 
 
-def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
+def step_memory_bytes(config, splits, batch_size: int, accumulation_steps: int | None = None) -> int:
+  """Per-device bytes of one compiled training step of `config` at `batch_size` (compile only)."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  if accumulation_steps is not None:
+    config.accumulation_steps = accumulation_steps
+  mesh = sharding.make_mesh(config.num_devices)
+  _, model, lr_fn, optimizer = build(config, splits, mesh)
+  abstract_state, _ = abstract_train_state(config, model, optimizer, splits, mesh)
+  step_fn = functools.partial(
+      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
+      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA)
+  x_shape = (batch_size, *splits.train_images.shape[1:])
+  batch = sharding.batch_sharded(mesh)
+  x_dtype = jnp.float32 if splits.train_text is None else splits.train_images.dtype  # tokens
+  images = jax.ShapeDtypeStruct(x_shape, x_dtype, sharding=batch)
+  labels = jax.ShapeDtypeStruct((batch_size, *splits.train_labels.shape[1:]),
+                                splits.train_labels.dtype, sharding=batch)
+  m = jax.jit(step_fn, donate_argnums=0).lower(abstract_state, images, labels).compile(
+      ).memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None,
+        memory_limit_bytes: int | None = None) -> dict:
   """Trains one trial in `workdir`; returns the summary written to summary.json.
 
   `trial_id` and `sweep_axes` (dotted field -> value) name the trial within its sweep; they are
-  recorded in config.json for the report.
+  recorded in config.json for the report. A trial whose training step cannot fit the device's
+  memory (`memory_limit_bytes`, default the device's own limit where the backend reports one) is
+  refused with a ConfigError before anything trains.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   splits = load_data(config)
   plan, model, _, optimizer = build(config, splits, mesh)
+  memory.check_fits(functools.partial(step_memory_bytes, config, splits), config.batch_size,
+                    memory_limit_bytes or memory.device_memory_bytes())
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
   state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
   num_params = models.parameter_count(abstract_state.params)
@@ -402,8 +431,7 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
                                     spec.loss_multiple)
         count = diverged[0] + 1 if diverged else n
         bookkeeping.log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
-                              examples_per_sec=rate, spec=spec, param_norms=param_norms,
-                              compile_seconds=compile_seconds)
+                              examples_per_sec=rate, spec=spec, param_norms=param_norms)
         if diverged:  # a result, not a crash: record where and why, keep the sweep going
           book.update(status="diverged", diverged_at_step=step + diverged[0],
                       diverged_reason=diverged[1])

@@ -97,3 +97,42 @@ def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
   _, state, _ = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), 1).restore_latest(abstract)
   assert train_records[-1]["param_norm"] == pytest.approx(
       float(steplib.param_norm(state.params)), rel=1e-6)
+
+
+def test_memory_planner_reports_the_compiled_step_analysis():
+  """The planner's bytes are XLA's memory analysis of the step compiled on real arrays (here built
+  independently: a concrete state and batch), and they grow with the batch."""
+  import functools
+  from scaling import memory
+  config = tiny_config(**{"num_devices": 1, "grad_groups": 1})
+  splits = train.load_data(config)
+  mesh = sharding.make_mesh(1)
+  _, model, lr_fn, optimizer = train.build(config, splits, mesh)
+  state = sharding.put_replicated(
+      steplib.init_state(model, optimizer, jax.random.PRNGKey(0), splits.train_images.shape[1:]),
+      mesh)
+  images = splits.train_images[:32].astype(np.float32)
+  batch = sharding.put_batch((images, splits.train_labels[:32]), mesh)
+  step = jax.jit(functools.partial(
+      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
+      microbatching=train.microbatching(config, 1), mesh=mesh, axis=sharding.DATA),
+      donate_argnums=0)
+  m = step.lower(state, *batch).compile().memory_analysis()
+  expected = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+              + m.temp_size_in_bytes)
+  assert train.step_memory_bytes(config, splits, 32) == expected
+  bytes_of = functools.partial(train.step_memory_bytes, config, splits)
+  assert bytes_of(64, None) > bytes_of(32, None)
+  # A limit between the two: 32 fits, 64 does not (with accumulation: the batch itself is an
+  # argument, so the tiny MLP gains nothing).
+  limit = (bytes_of(32, None) + bytes_of(64, None)) // 2
+  assert memory.largest_power_of_two(bytes_of, 1, 64, limit, accumulation=False) == 32
+  assert memory.largest_power_of_two(bytes_of, 1, 64, limit, accumulation=True) >= 32
+
+
+def test_a_trial_that_cannot_fit_is_refused_before_training(tmp_path):
+  config = tiny_config(**{"num_devices": 1})
+  with pytest.raises(train.ConfigError, match=r"batch_size=32 needs [\d.,]+ MiB per device") as e:
+    train.run(config, str(tmp_path), memory_limit_bytes=1000)
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "metrics.jsonl").exists()
