@@ -17,6 +17,8 @@ import time
 import jax
 from tensorboardX import SummaryWriter
 
+from scaling import progress as progress_lib
+
 
 def _plain(value):
   """numpy/jax scalars and small arrays -> JSON-ready Python values (NaN stays NaN)."""
@@ -84,8 +86,12 @@ def _quiet_disk_full(previous_hook):
 class MetricsWriter:
 
   def __init__(self, workdir: str, batch_size: int, total_steps: int, start_step: int = 0,
-               elapsed: float = 0.0, tokens_per_example: int = 0):
+               elapsed: float = 0.0, tokens_per_example: int = 0,
+               tracker: progress_lib.TrialProgress | None = None):
     self.enabled = jax.process_index() == 0
+    # The console line and its ETA (evaluation and curvature costs measured by `tracker.timed`).
+    self.tracker = tracker or progress_lib.TrialProgress(batch_size, total_steps, start_step,
+                                                         eval_every=0)
     self.batch_size = batch_size
     self.tokens_per_example = tokens_per_example   # a language model's batch measure; 0: none
     self.total_steps = total_steps
@@ -133,14 +139,10 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, global_step=step)
 
   def progress(self, step: int, steps: int, seconds: float, loss: float) -> float:
-    """One console line: step, loss, training throughput (`steps` took `seconds`, evaluation and
-    curvature excluded) and ETA; returns examples per second."""
-    rate = steps / max(seconds, 1e-9)
-    eta = (self.total_steps - step) / max(rate, 1e-9)
-    if self.enabled:
-      print(f"step {step}/{self.total_steps}  loss {loss:.4f}  "
-            f"{rate * self.batch_size:,.0f} examples/s  eta {eta:,.0f}s", flush=True)
-    return rate * self.batch_size
+    """One console line (scaling/progress.py): step of total, loss, steady-state throughput and
+    an ETA that counts evaluation and curvature at their measured cost; `steps` took `seconds`
+    (training only). Returns this segment's examples per second."""
+    return self.tracker.segment(step, steps, seconds, loss, show=self.enabled)
 
   def flush(self) -> None:
     if self.enabled:
@@ -149,6 +151,7 @@ class MetricsWriter:
         self._tb.flush()
 
   def close(self) -> None:
+    self.tracker.close()
     if self.enabled:
       with reporting_disk_full("metrics.jsonl", self._jsonl.name):
         self._check_tensorboard()   # closing waits for its thread

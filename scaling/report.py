@@ -14,10 +14,12 @@ import logging
 import math
 import os
 import sys
+import time
+import urllib.parse
 
 import numpy as np
 
-from scaling import results, study
+from scaling import findings, results, study
 from scaling.config import ConfigError
 
 # A Lanczos eigenvalue whose Ritz residual |H y - lambda y| exceeds this fraction of |lambda| is
@@ -92,12 +94,16 @@ def _fmt(v):
   return html.escape(str(v))
 
 
+def _cell(v):
+  return v if isinstance(v, Raw) else _fmt(v)
+
+
 def _html_table(rows, cols=None):
   if not rows:
     return "<p>(none)</p>"
   cols = cols or list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
   head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-  body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>"
+  body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>"
                  for r in rows)
   return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -121,79 +127,130 @@ def _pm(v, err):
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
         "font-size:85%;margin-bottom:1em}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
         "th{background:#eee}img{max-width:100%;border:1px solid #ddd;margin:4px 0}"
+        "figure{margin:1.5em 0}figcaption{max-width:60em;font-size:90%}"
+        ".findings{font-size:110%;max-width:60em;line-height:1.4}"
         ".note{color:#a40}pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:85%}")
+
+
+def last_updated(trial) -> float:
+  """When the trial last wrote a file the report reads (seconds since the epoch)."""
+  times = [os.path.getmtime(os.path.join(trial.path, n))
+           for n in ("metrics.jsonl", "summary.json", "config.json")
+           if os.path.exists(os.path.join(trial.path, n))]
+  return max(times, default=0.0)
+
+
+def _utc(seconds):
+  return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _link_row(row, trial, workdir):
+  """A trial row whose id links to its directory and metrics, with its TensorBoard run name
+  (`tensorboard --logdir WORKDIR` names each run by its directory relative to WORKDIR)."""
+  rel = os.path.relpath(trial.path, workdir)
+  href = "../" + urllib.parse.quote(rel, safe="/=,.+-_()[]") + "/"
+  return {"trial_id": Raw(f"<a href='{html.escape(href)}'>{html.escape(row['trial_id'])}</a>"),
+          "metrics": Raw(f"<a href='{html.escape(href)}metrics.jsonl'>metrics.jsonl</a>"),
+          "tensorboard_run": rel, **{k: v for k, v in row.items() if k != "trial_id"}}
+
+
+class Raw(str):
+  """Table cell HTML written as is (a link), not escaped."""
+
+
+def _pending_rows(trials, trows, workdir):
+  rows = []
+  for t, r in zip(trials, trows):
+    if t.status in ("done", "diverged"):
+      continue
+    reason = (t.summary or {}).get("failed_reason") or (t.summary or {}).get("stop_reason")
+    rows.append(_link_row(dict(trial_id=t.trial_id, status=t.status,
+                               step=f"{t.last_step} of {t.step_cap or '?'}",
+                               last_updated=_utc(last_updated(t)), reason=reason,
+                               batch_size=t.batch_size, lr=t.lr), t, workdir))
+  return rows
+
+
+def _key_numbers(fits):
+  return [dict(group=f["group"], b_crit=_pm(f["b_crit"], f["b_crit_err"]),
+               b_crit_95=_interval(f, "b_crit"), b_simple_at_target=_b_simple_range(f),
+               s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95=_interval(f, "s_min"),
+               e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95=_interval(f, "e_min"),
+               fitted_batch_sizes=f["fitted_batch_sizes"],
+               censored_batch_sizes=f["censored_batch_sizes"] or "none",
+               best_lr_at_grid_edge=f["lr_at_edge"] or "none",
+               perfect_scaling_up_to=f["perfect_scaling_up_to"],
+               largest_batch_reached=f["largest_batch_reached"], note=f["note"]) for f in fits]
+
+
+def expected_trials(workdir):
+  """The sweep's trial count from sweep.json (trials not started have no directory yet)."""
+  sweep = results.read_json(os.path.join(workdir, "sweep.json"))
+  listed = sweep.get("trials") if isinstance(sweep, dict) else None
+  return len(listed) if isinstance(listed, list) else None
 
 
 def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   h = html.escape
-  status = {**dict.fromkeys(("done", "diverged", "running", "preempted", "failed"), 0),
-            **collections.Counter(t.status for t in trials)}
-  tgt = ", ".join(sorted({f"{t.target_metric} < {t.target_value:g}" for t in trials})) or "?"
-  key = [dict(group=f["group"], b_crit=_pm(f["b_crit"], f["b_crit_err"]),
-              b_crit_95=_interval(f, "b_crit"), b_simple_at_target=_b_simple_range(f),
-              s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95=_interval(f, "s_min"),
-              e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95=_interval(f, "e_min"),
-              fitted_batch_sizes=f["fitted_batch_sizes"],
-              censored_batch_sizes=f["censored_batch_sizes"] or "none",
-              best_lr_at_grid_edge=f["lr_at_edge"] or "none",
-              perfect_scaling_up_to=f["perfect_scaling_up_to"],
-              largest_batch_reached=f["largest_batch_reached"], note=f["note"]) for f in fits]
-  stops = collections.Counter(t.stop_reason or t.status for t in trials)
-  caps = sorted({(t.batch_size, t.step_cap) for t in trials if t.step_cap})
-  resolution = sorted({(t.batch_size, t.eval_interval) for t in trials if t.eval_interval})
-  windows = sorted({(t.batch_size, _ema_window_examples(t)) for t in trials
-                    if _ema_window_examples(t)})
   sweep = results.read_json(os.path.join(workdir, "sweep.json"))
   varying = results.varying_fields(trials)
   common = {k: v for k, v in (results.flatten(trials[0].config) if trials else {}).items()
             if k not in varying and k != "trial_id"}
+  updated = max((last_updated(t) for t in trials), default=0.0)
   tol = study.PERFECT_SCALING_TOLERANCE
+  windows = sorted({(t.batch_size, _ema_window_examples(t)) for t in trials
+                    if _ema_window_examples(t)})
+  captions = findings.captions(trials)
+  stops = collections.Counter(t.stop_reason or t.status for t in trials)
   parts = [
       f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {h(workdir)}</title>"
       f"<style>{_CSS}</style></head><body><h1>Scaling report: {h(os.path.abspath(workdir))}</h1>",
-      f"<p>{len(trials)} trials. Target: {h(tgt)}. Steps to target: the step where the target "
-      "metric crosses the target, interpolated linearly in log(metric) between the last evaluation "
-      "above it and the first strictly below (Shallue et al. 2018 use the latter: "
-      "<i>steps_first_eval</i>); resolution = the evaluation interval per batch size (steps): "
-      f"{h(', '.join(f'B={b}: {i:g}' for b, i in resolution) or '?')}. A point (batch size, tuned "
-      "setting) takes the median over its seeds (a seed that never reached counts as infinite); "
-      "per batch size the best point counts (fewest steps, ties by final validation error).</p>"
-      f"<p>Why trials stopped: {h(', '.join(f'{k}: {v}' for k, v in sorted(stops.items())))}. "
-      f"Step caps: {h(', '.join(f'B={b}: {c}' for b, c in caps) or '?')}.</p>",
-      "<h2>Key numbers</h2><p>B_crit, S_min, E_min: least-squares fit of S = S_min (1 + B_crit/B)"
+      f"<p>Written {h(_utc(time.time()))}; trials last updated {h(_utc(updated))}.</p>",
+      "<h2>Findings</h2><p class='findings'>"
+      + " ".join(h(s) for s in findings.findings(trials, best_rows, fits,
+                                                 expected_trials(workdir))) + "</p>",
+      f"<p><b>Protocol.</b> {h(findings.protocol(trials))} Why trials stopped: "
+      f"{h(', '.join(f'{k}: {v}' for k, v in sorted(stops.items())) or '–')}.</p>"]
+  pending = _pending_rows(trials, trows, workdir)
+  if pending:
+    parts += ["<h2>Trials not finished</h2>",
+              _html_table(pending, ["trial_id", "status", "step", "last_updated", "reason",
+                                    "batch_size", "lr", "metrics", "tensorboard_run"])]
+  parts.append("<h2>Figures</h2>")
+  for i, (name, title, note) in enumerate(images, 1):
+    caption = f"<b>Figure {i}. {h(title)}.</b> {h(captions.get(name, ''))}"
+    parts.append(f"<figure id='{h(name)}'>" + (
+        f"<p class='note'>Skipped: {h(note)}</p>" if note else
+        f"<img src='{h(name)}' alt='{h(title)}'>") + f"<figcaption>{caption}</figcaption></figure>")
+  if notes:
+    parts += ["<h2>Notes</h2><ul>", *(f"<li class='note'>{h(n)}</li>" for n in notes), "</ul>"]
+  parts += [
+      "<h2>Tables</h2>",
+      "<h3>Key numbers</h3><p>B_crit, S_min, E_min: least-squares fit of S = S_min (1 + B_crit/B)"
       " (McCandlish et al. 2018) to the best steps to target at the <i>fitted</i> batch sizes (the"
       " censored ones never reached the target and are left out); E_min = S_min B_crit;"
       " &plusmn; one standard error, and a 95% bootstrap interval (batch sizes resampled, seeds "
       "resampled within each, best setting chosen again; B_crit = inf where a replicate still "
-      "scales perfectly at the largest B). <i>b_simple_at_target</i>: the gradient noise scale "
-      "B_simple = tr(Σ)/|G|² when each best trial first reached the target (equal loss), median "
-      "[min, max] over batch sizes; McCandlish et al. predict B_crit ≈ B_noise. Its EMA averages "
-      "over ~1/(1-decay) steps = "
+      "scales perfectly at the largest B). <i>b_simple_at_target</i>: B_simple = tr(Σ)/|G|² when "
+      "each best trial first reached the target, median [min, max] over batch sizes; its EMA "
+      "averages over ~1/(1-decay) steps = "
       f"{h(', '.join(f'B={b}: {w:.3g}' for b, w in windows[:1] + windows[-1:]) or '?')} examples."
-      " <i>perfect_scaling_up_to</i>: the largest batch size up to "
-      f"which every batch size reached the target with examples to target within {tol:g}x those "
-      f"at the group's smallest batch size, i.e. steps within {100 * (tol - 1):.0f}% of the "
-      "perfect-scaling line.</p>", _html_table(key),
-      "<h2>Trial status</h2>", _html_table([status]), "<h3>Trials not done</h3>",
-      _html_table([r for r in trows if r["status"] != "done"],
-                  ["trial_id", "status", "step", "diverged_at_step", "batch_size", "lr"])]
-  if notes:
-    parts += ["<h2>Notes</h2><ul>", *(f"<li class='note'>{h(n)}</li>" for n in notes), "</ul>"]
-  parts.append("<h2>Sweep config</h2>")
-  if sweep is not None:
-    parts.append(f"<h3>sweep.json</h3><pre>{h(json.dumps(sweep, indent=2))}</pre>")
-  parts += ["<h3>Fields that vary between trials</h3>",
-            _html_table([dict(field=k, values=", ".join(v)) for k, v in varying.items()]),
-            "<h3>Fields shared by all trials</h3>",
-            f"<pre>{h(json.dumps(common, indent=2, default=str))}</pre><h2>Tables</h2>"]
+      " <i>perfect_scaling_up_to</i>: the largest batch size up to which every batch size "
+      f"reached the target with examples within {tol:g}x those at the smallest.</p>",
+      _html_table(_key_numbers(fits))]
+  linked = [_link_row(r, t, workdir) for r, t in zip(trows, trials)]
   for name, title, rows in (("critical_batch_fit", "Critical batch size fit", fits),
                             ("best_per_batch", "Best trial per batch size", best_rows),
-                            ("trials", "All trials", trows)):
+                            ("trials", "All trials (id: its directory)", linked)):
     parts += [f"<h3>{title} (<a href='{name}.csv'>{name}.csv</a>)</h3>", _html_table(rows)]
-  parts.append("<h2>Plots</h2>")
-  for name, title, note in images:
-    parts.append(f"<h3>{h(title)}</h3>" + (f"<p class='note'>Skipped: {h(note)}</p>" if note
-                                            else f"<img src='{h(name)}' alt='{h(title)}'>"))
+  parts += ["<h2>Configuration</h2>",
+            "<details><summary>Fields that vary between trials</summary>",
+            _html_table([dict(field=k, values=", ".join(v)) for k, v in varying.items()]),
+            "</details><details><summary>Fields shared by all trials</summary>"
+            f"<pre>{h(json.dumps(common, indent=2, default=str))}</pre></details>"]
+  if sweep is not None:
+    parts.append("<details><summary>Sweep definition (sweep.json)</summary>"
+                 f"<pre>{h(json.dumps(sweep, indent=2))}</pre></details>")
   return "\n".join(parts + ["</body></html>"])
 
 
@@ -207,12 +264,16 @@ def write_report(workdir):
   if not trials:
     notes.append(f"no trial directories (with a config.json) under {workdir}")
   trows, best_rows = trial_table(trials), study.best_per_batch(trials)
+  for row, t in zip(trows, trials):
+    row["directory"] = os.path.relpath(t.path, workdir)
+    row["last_updated"] = _utc(last_updated(t))
   fits = study.fit_table(best_rows)
   notes += [f"{f['group']}: critical batch fit: {f['note']}" for f in fits if f["note"]]
   for name, rows in (("trials", trows), ("best_per_batch", best_rows), ("critical_batch_fit", fits)):
     write_csv(os.path.join(out, f"{name}.csv"), rows)
   images = []
-  for name, title, fn in report_plots.PLOTS:
+  plots = report_plots.SINGLE_TRIAL_PLOTS if len(trials) == 1 else report_plots.PLOTS
+  for name, title, fn in plots:
     path = os.path.join(out, name)
     try:
       note = fn(path, trials, best_rows, fits)

@@ -9,6 +9,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from scaling import findings
+
 BATCH_LABEL = "batch size B (examples per step)"
 SGD_FAMILY = ("sgd", "momentum", "nesterov", "heavy_ball")
 
@@ -316,9 +318,7 @@ def curvature_vs_batch(path, trials, best_rows, fits):
 def _stability_threshold(t, lr):
   """2/lr for plain SGD (Cohen et al. 2021); (2+2β)/lr with heavy-ball momentum β and
   (2+2β)/((1+2β) lr) with Nesterov momentum."""
-  name, beta = t.optimizer.lower(), t.config.get("optimizer", {}).get("momentum")
-  beta = float(beta) if isinstance(beta, (int, float)) and name != "sgd" else 0.0
-  factor = (2 + 2 * beta) / (1 + 2 * beta if "nesterov" in name else 1)
+  factor = findings.stability_factor(t.optimizer, t.config.get("optimizer", {}).get("momentum"))
   with np.errstate(divide="ignore", invalid="ignore"):
     return np.where(lr > 0, factor / lr, np.nan), factor
 
@@ -391,6 +391,27 @@ def training_curves(path, trials, best_rows, fits):
   _batch_colorbar(fig, sm, axes, trials)
   fig.suptitle("Training curves (colour: batch size; red x: diverged, last finite value; "
                "dotted: target)")
+  _save(fig, path)
+
+
+def curvature_curves(path, trials, best_rows, fits):
+  """Hessian trace, top eigenvalue and sharpness against the step, one line per trial."""
+  panels = [("curvature/hessian_trace", "Hessian trace"), ("curvature/top_eigenvalue", "λ_max"),
+            ("curvature/sharpness", "ε-sharpness (%)")]
+  panels = [p for p in panels if any(np.isfinite(t.series(p[0])[2]).any() for t in trials)]
+  if not panels:
+    return "no curvature in any metrics.jsonl (curvature.enabled is off)"
+  sm = _colour_by_batch(trials)
+  fig = _figure(5.2 * len(panels) + 1, 4.4)
+  axes = np.atleast_1d(fig.subplots(1, len(panels)))
+  for ax, (key, label) in zip(axes, panels):
+    for t in trials:
+      st, _, v = t.series(key)
+      ax.plot(st, v, "o-", color=sm.to_rgba(t.batch_size), ms=3, lw=1.2)
+    _log(ax, x=False)
+    ax.set(xlabel="optimizer step", ylabel=label, title=f"{label} over training")
+    ax.grid(True, alpha=0.3)
+  _batch_colorbar(fig, sm, axes, trials)
   _save(fig, path)
 
 
@@ -538,4 +559,10 @@ PLOTS = [
      curvature_vs_batch),
     ("edge_of_stability.png", "Top eigenvalue over training vs 2/lr", edge_of_stability),
     ("training_curves.png", "Training curves", training_curves),
+]
+# A single trial: its curves and curvature, no fit.
+SINGLE_TRIAL_PLOTS = [
+    ("training_curves.png", "Training curves", training_curves),
+    ("curvature_curves.png", "Curvature over training", curvature_curves),
+    ("edge_of_stability.png", "Top eigenvalue over training vs 2/lr", edge_of_stability),
 ]

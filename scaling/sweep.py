@@ -33,7 +33,7 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, memory, metrics, schedule, sharding, train
+from scaling import checkpoint, memory, metrics, progress, schedule, sharding, train
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -295,30 +295,39 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
         "trials": [{"index": t.index, "id": t.id, "directory": os.path.relpath(t.directory, workdir)}
                    for t in trials]})
   summaries = []
-  for t in chosen:
+  tracker = progress.SweepProgress([t.config.batch_size for t in chosen], {
+      i for i, t in enumerate(chosen)
+      if (read_summary(t.directory) or {}).get("status") in FINISHED})
+  for position, t in enumerate(chosen):
     # Under jax.distributed the processes train a trial together: process 0 decides and locks.
     summary = read_summary(t.directory)
     if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
       print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
       summaries.append(summary)
+      tracker.skip(position)
       continue
     lock = TrialLock(t.directory) if jax.process_index() == 0 else None
     if not sharding.process0_decides(lock is None or lock.acquire()):
       print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
+      tracker.skip(position)
       continue
     try:
-      print(f"[{t.index}] {t.id}: training", flush=True)
+      tracker.start(position, f"[{t.index}] {t.id}")   # '...: training' and the sweep's state
       summaries.append(train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides))
+      tracker.end(summaries[-1].get("status", "done"))
     except (ConfigError, metrics.DiskFull):   # bad input, or a disk every later trial shares
       raise
     except Exception as error:   # this trial's own failure: record it, go on to the next
       summaries.append(record_failure(t, error))
+      tracker.end("failed")
     except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
       write_csv(workdir, trials, plans)
       raise
     finally:
+      tracker.leave()
       if lock:
         lock.release()
     write_csv(workdir, trials, plans)
+  tracker.finish()
   write_csv(workdir, trials, plans)
   return summaries

@@ -23,7 +23,7 @@ import numpy as np
 
 from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
-from scaling import bookkeeping, memory, resources
+from scaling import bookkeeping, memory, progress, resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
@@ -380,8 +380,15 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
   B, T = spec.batch_size, spec.tokens_per_example
+  tracker = progress.TrialProgress(
+      B, spec.total_steps, step, eval_every=spec.eval_every_steps,
+      stop_at_target=spec.stop_at_target,
+      target=(book["target"]["metric"], book["target"]["value"]),
+      curvature_every=spec.curvature_every_steps if measure_curvature else None)
+  evaluate = tracker.timed("evaluation", evaluate)   # their measured cost goes into the ETA
+  measure_curvature = measure_curvature and tracker.timed("curvature", measure_curvature)
   writer = metrics_lib.MetricsWriter(spec.workdir, B, spec.total_steps, step, book["elapsed"],
-                                     tokens_per_example=T)
+                                     tokens_per_example=T, tracker=tracker)
   summary_path = os.path.join(spec.workdir, "summary.json")
 
   def save(state, step):

@@ -132,7 +132,9 @@ def test_rerun_skips_finished_trials(tiny_sweep, capsys):
   config, workdir, _ = tiny_sweep
   before = os.path.getmtime(os.path.join(workdir, "trials", "base_lr=0.05,bs=16", "metrics.jsonl"))
   summaries = sweep.main(config, workdir)
-  assert capsys.readouterr().out.count("skipped") == 4
+  out = capsys.readouterr().out
+  assert sum(line.endswith(", skipped") for line in out.splitlines()) == 4
+  assert "sweep: 4 trial(s): done 0, skipped 4, diverged 0, failed 0" in out
   assert [s["status"] for s in summaries] == ["done", "done", "diverged", "diverged"]
   after = os.path.getmtime(os.path.join(workdir, "trials", "base_lr=0.05,bs=16", "metrics.jsonl"))
   assert before == after
