@@ -45,8 +45,9 @@ def largest_power_of_two(bytes_of: BytesOf, devices: int, num_train: int, limit_
     k = b if accumulation else 1
     try:
       fits = bytes_of(batch, k) <= limit_bytes
-    except ConfigError:   # e.g. grad_groups that this batch cannot hold
-      fits = False
+    except ConfigError:   # e.g. grad_groups that this batch cannot hold: try the next
+      b *= 2
+      continue
     if fits:
       best = batch
     elif not accumulation:

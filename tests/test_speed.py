@@ -136,3 +136,15 @@ def test_a_trial_that_cannot_fit_is_refused_before_training(tmp_path):
     train.run(config, str(tmp_path), memory_limit_bytes=1000)
   assert "\n" not in str(e.value)
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_largest_power_of_two_skips_batches_the_config_cannot_hold():
+  """Batches too small for the config (grad_groups=2 needs 2 examples) are skipped, not a stop."""
+  from scaling import memory
+
+  def bytes_of(batch, k):
+    if batch < 2:
+      raise train.ConfigError("grad_groups=2 ...")
+    return 100 * batch // (k or 1)
+  assert memory.largest_power_of_two(bytes_of, 1, 1000, 1000, accumulation=False) == 8
+  assert memory.largest_power_of_two(bytes_of, 1, 1000, 1000, accumulation=True) == 512
