@@ -60,6 +60,7 @@ def persistent_cache(directory):
     compilation_cache.reset_cache()
 
 
+@pytest.mark.heavy   # two trials: outside the default run's time budget
 def test_trials_differing_in_lr_and_seed_share_one_compiled_chunk(tmp_path):
   """Two trials of an LR grid and two seeds: the second compiles nothing of its train chunk (the
   peak LR and the keys are runtime inputs); before, the LR was a constant of the program and the
