@@ -8,10 +8,53 @@ the device's own `peak_bytes_in_use` where the backend reports memory stats (GPU
 compiled memory analysis of the chunk (arguments + outputs - aliased + temporaries): what XLA plans
 to hold at once, which the CPU backend does not measure. Everything lands in the trial's
 bookkeeping dict `record` (checkpointed, so a resume continues the sums).
+
+Compilations are counted from jax.monitoring's events: every XLA compile request of a jitted
+function ends with a backend-compile event, preceded by a cache-hit event when the persistent
+compilation cache supplied the executable instead. `compile_counts()` is this process's running
+count per function name; summary.json records a trial's own (`compilations`).
 """
+import collections
 import time
 
 import jax
+from jax import monitoring
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_counts = collections.Counter()     # (function name, "compiled" | "cache_hit") -> count
+_hit_pending = [False]
+
+
+def _on_event(event: str, **kwargs) -> None:
+  if event == _CACHE_HIT:
+    _hit_pending[0] = True
+
+
+def _on_duration(event: str, seconds: float, **kwargs) -> None:
+  del seconds
+  if event == _BACKEND_COMPILE:
+    name = kwargs.get("fun_name", "?").removeprefix("jit(").removesuffix(")")
+    _counts[name, "cache_hit" if _hit_pending[0] else "compiled"] += 1
+    _hit_pending[0] = False
+
+
+monitoring.register_event_listener(_on_event)
+monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_counts() -> collections.Counter:
+  """A copy of this process's counts so far: (function name, "compiled" | "cache_hit") -> n."""
+  return collections.Counter(_counts)
+
+
+def count_summary(before: collections.Counter, after: collections.Counter) -> dict:
+  """What happened between two compile_counts(): XLA compilations of the train chunk and of all
+  functions, and executables loaded from the persistent cache instead."""
+  delta = after - before
+  return {"train_chunk": delta["train_chunk", "compiled"],
+          "all": sum(n for (_, kind), n in delta.items() if kind == "compiled"),
+          "cache_hits": sum(n for (_, kind), n in delta.items() if kind == "cache_hit")}
 
 STOP_REASONS = ("target", "budget", "diverged", "preempted")
 
@@ -20,7 +63,9 @@ class ChunkCost:
 
   def __init__(self, chunk_fn, record: dict, batch_size: int):
     self._fn, self._record, self._batch_size = chunk_fn, record, batch_size
-    self._seen, self._compiled_in_segment = set(), False
+    self._seen, self._compiled_in_segment, self._segment_compile = set(), False, 0.0
+    self._counted_from = compile_counts()
+    record.setdefault("compilations", {"train_chunk": 0, "all": 0, "cache_hits": 0})
     record.setdefault("compile_seconds", 0.0)
     record.setdefault("train_seconds", 0.0)     # steady-state segments only
     record.setdefault("train_steps", 0)
@@ -30,6 +75,7 @@ class ChunkCost:
       return self._fn(state, *args, num_steps=num_steps)
     started = time.perf_counter()
     out = self._fn(state, *args, num_steps=num_steps)   # returns once compiled and dispatched
+    self._segment_compile += time.perf_counter() - started
     self._record["compile_seconds"] += time.perf_counter() - started
     self._seen.add(num_steps)
     self._compiled_in_segment = True
@@ -37,20 +83,31 @@ class ChunkCost:
       self._record.update(_memory_analysis(self._fn, out[0], args, num_steps))
     return out
 
-  def segment_done(self, steps: int, seconds: float) -> None:
-    """Counts a dispatched-and-fetched segment of `steps` steps unless it included a compile."""
+  def segment_done(self, steps: int, seconds: float) -> float:
+    """Counts a dispatched-and-fetched segment of `steps` steps unless it included a compile;
+    returns the seconds of this segment's compile calls (0.0 without)."""
     if not self._compiled_in_segment:
       self._record["train_seconds"] += seconds
       self._record["train_steps"] += steps
-    self._compiled_in_segment = False
+    compiled, self._compiled_in_segment, self._segment_compile = self._segment_compile, False, 0.0
+    return compiled
+
+  def _count_compilations(self) -> None:
+    """Adds the compilations since the last call to the record (it outlives a resume)."""
+    now = compile_counts()
+    for key, n in count_summary(self._counted_from, now).items():
+      self._record["compilations"][key] += n
+    self._counted_from = now
 
   def summary(self) -> dict:
+    self._count_compilations()
     r = self._record
     rate = r["train_steps"] * self._batch_size / r["train_seconds"] if r["train_seconds"] else None
     memory = _device_peak_bytes()
     return {"examples_per_sec": rate, "compile_seconds": r["compile_seconds"],
             "peak_memory_bytes": memory or r.get("memory_bytes"),
-            "memory_source": "device memory_stats" if memory else r.get("memory_source")}
+            "memory_source": "device memory_stats" if memory else r.get("memory_source"),
+            "compilations": dict(r["compilations"])}
 
 
 def _memory_analysis(chunk_fn, state, args, num_steps) -> dict:

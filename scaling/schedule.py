@@ -98,8 +98,15 @@ def make_plan(config, train_examples: int) -> Plan:
   )
 
 
-def learning_rate_fn(plan: Plan, decay, warmup_init_fraction: float) -> optax.Schedule:
-  """Linear warmup from init_fraction * lr to lr, then the chosen decay over the remaining steps."""
+def learning_rate_fn(plan: Plan, decay, warmup_init_fraction: float,
+                     peak: float | None = None) -> optax.Schedule:
+  """Linear warmup from init_fraction * lr to lr, then the chosen decay over the remaining steps.
+
+  `peak` replaces plan.lr: peak=1 gives the schedule's shape, which the training step multiplies
+  by its runtime peak LR (every schedule here is linear in the peak), so that trials differing
+  only in their LR share one compiled step."""
+  if peak is not None:
+    plan = dataclasses.replace(plan, lr=peak)
   decay_steps = max(1, plan.total_steps - plan.warmup_steps)
   final = decay.final_fraction * plan.lr
   if decay.name == "constant":

@@ -149,14 +149,21 @@ def _add(tree_a, tree_b):
   return jax.tree.map(jnp.add, tree_a, tree_b)
 
 
-def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, apply_fn: Callable,
-               optimizer: optax.GradientTransformation, lr_fn: optax.Schedule,
+def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_lr=None, *,
+               apply_fn: Callable, optimizer: optax.GradientTransformation, lr_fn: optax.Schedule,
                microbatching: Microbatching, mesh, axis: str, crop_padding: int = 0,
                flip: bool = False):
   """One step on a global batch; returns the new state and this step's scalar metrics.
 
+  Only what a train record averages or needs per step: the parameter norm, a reduction over every
+  weight as costly as the update itself for small models, is `param_norm`'s, once per chunk.
+
   With `augment_key`, the batch is augmented first (augment_images) with the key folded with the
-  step number.
+  step number. With `peak_lr` (a runtime scalar), `optimizer` and `lr_fn` are built at peak 1
+  (`schedule.learning_rate_fn(..., peak=1)`) and the update is scaled by `peak_lr`: every
+  optimizer of `make_optimizer` applies its learning rate as a linear factor of the update (LARS's
+  momentum trace after it is linear too; tests/test_speed.py checks each), so the trials of an LR
+  grid share one compiled step instead of baking their LR in as a constant.
   """
   mb = microbatching
   per_scan_step = mb.microbatches // mb.accumulation_steps
@@ -164,7 +171,9 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
     images_BxX = augment_images(jax.random.fold_in(augment_key, state.step), images_BxX,
                                 crop_padding=crop_padding, flip=flip)
 
-  def local_step(params, batch_stats, opt_state, images_LxX, labels_L):
+  peak_lr = jnp.float32(1.0) if peak_lr is None else peak_lr   # x 1.0 is exact
+
+  def local_step(params, batch_stats, opt_state, peak_lr, images_LxX, labels_L):
     """Runs on each device with its slice of L = B / devices examples; state is replicated."""
     grad_fn = jax.value_and_grad(functools.partial(_microbatch_loss, apply_fn), has_aux=True)
 
@@ -174,7 +183,9 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
       for x_bxX, y_b in zip(jnp.split(images_SxX, per_scan_step),
                             jnp.split(labels_S, per_scan_step)):
         (loss, (stats, accuracy)), grads = grad_fn(params, batch_stats, x_bxX, y_b)
-        sums = _add(sums, {"grad": grads, "grad_sq": noise_scale.sq_norm(grads), "loss": loss,
+        # One group (no noise scale): |G_small|^2 = |G_big|^2, computed once below.
+        grad_sq = noise_scale.sq_norm(grads) if mb.groups > 1 else scalar
+        sums = _add(sums, {"grad": grads, "grad_sq": grad_sq, "loss": loss,
                            "accuracy": accuracy, "batch_stats": stats})
       return sums
 
@@ -198,25 +209,31 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, *, app
     sums = jax.lax.psum(sums, axis)
     grads, small_grad_sq, big_grad_sq = noise_scale.finish_group_grad_stats(
         sums["grad"], sums["grad_sq"], mb.groups)
+    if mb.groups == 1:
+      small_grad_sq = big_grad_sq
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (peak_lr * u).astype(u.dtype), updates)
     new_params = optax.apply_updates(params, updates)
     mean = lambda x: x / mb.groups
     new_batch_stats = jax.tree.map(lambda s, old: mean(s).astype(old.dtype), sums["batch_stats"],
                                    batch_stats)
     metrics = {"train/loss": mean(sums["loss"]), "train/accuracy": mean(sums["accuracy"]),
                "grad_norm": jnp.sqrt(big_grad_sq),
-               "param_norm": jnp.sqrt(noise_scale.sq_norm(new_params)),
                "noise/small_grad_sq": small_grad_sq, "noise/big_grad_sq": big_grad_sq}
     return new_params, new_batch_stats, opt_state, metrics
 
   params, batch_stats, opt_state, metrics = sharding.data_parallel(
-      local_step, mesh, axis, num_replicated=3)(state.params, state.batch_stats, state.opt_state,
-                                                images_BxX, labels_B)
-  metrics["lr"] = lr_fn(state.step)
+      local_step, mesh, axis, num_replicated=4)(state.params, state.batch_stats, state.opt_state,
+                                                peak_lr, images_BxX, labels_B)
+  metrics["lr"] = peak_lr * lr_fn(state.step)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, metrics
+
+
+def param_norm(params):
+  return jnp.sqrt(noise_scale.sq_norm(params))
 
 
 def mask_like(mask_E, labels_ExS):

@@ -102,7 +102,8 @@ def assert_same_run(workdir, reference):
 
 def strip_timings(s):
   """A summary without its wall-clock measurements (which no resume reproduces), as JSON text."""
-  s = {k: v for k, v in s.items() if k not in ("wall_time", "compile_seconds", "examples_per_sec")}
+  s = {k: v for k, v in s.items() if k not in ("wall_time", "compile_seconds", "examples_per_sec",
+                                                  "compilations")}
   if "at" in s["target"]:   # the wall time at which the target was reached
     s["target"] = {**s["target"], "at": {k: v for k, v in s["target"]["at"].items()
                                          if k != "wall_time"}}

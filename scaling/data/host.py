@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import noise_scale, sharding
+from scaling import sharding
 
 
 def epoch_order(data_key, epoch, num_examples):
@@ -96,47 +96,50 @@ class Prefetcher:
 _epoch_order_jit = jax.jit(epoch_order, static_argnums=2)
 
 
-def scan_steps(state, init_params, images_KxBxX, labels_KxB, *, step_fn, pixel_scale,
+def scan_steps(state, inputs, images_KxBxX, labels_KxB, *, step_fn, end_metrics, pixel_scale,
                unroll):
-  """K training steps on K placed batches in one scan (the host path's train.train_chunk, with
-  the same metrics: the parameters' distance from `init_params` too)."""
+  """K training steps on K placed batches in one scan: the host path's train.train_chunk, with
+  the same outputs (state, per-step metrics, end_metrics after the last step). `inputs` is
+  train.TrialInputs (peak LR, augmentation key, initial parameters)."""
   def body(state, batch):
     images_BxX, labels_B = batch
-    state, metrics = step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B)
-    metrics["param_distance_from_init"] = jnp.sqrt(noise_scale.sq_norm(
-        jax.tree.map(jnp.subtract, state.params, init_params)))
-    return state, metrics
-  return jax.lax.scan(body, state, (images_KxBxX, labels_KxB), unroll=unroll)
+    return step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B,
+                   inputs.augment_key, inputs.peak_lr)
+  state, metrics_K = jax.lax.scan(body, state, (images_KxBxX, labels_KxB), unroll=unroll)
+  return state, metrics_K, end_metrics(state.params, inputs.init_params)
 
 
 class HostChunk:
-  """Called like the device path's jitted chunk, `(state, num_steps=K)`: takes the next K steps'
-  rows from the prefetcher, places them on the mesh and runs `scan_steps` on them."""
+  """Called like the device path's jitted chunk, `(state, inputs, num_active, num_steps=K)`: takes
+  the next num_active steps' rows from the prefetcher, places them on the mesh and runs
+  `scan_steps` on them (one compilation per distinct num_active: the host path reads only the
+  rows it trains on)."""
 
   def __init__(self, source: RecordSource, data_key, mesh, *, batch_size: int,
-               steps_per_epoch: int, start_step: int, chunk_steps: int, step_fn,
+               steps_per_epoch: int, start_step: int, chunk_steps: int, step_fn, end_metrics,
                pixel_scale: float, unroll: bool):
     self._mesh, self._batch_size = mesh, batch_size
     self.prefetcher = Prefetcher(source, data_key, batch_size=batch_size,
                                  steps_per_epoch=steps_per_epoch,
                                  rows=sharding.process_rows(mesh, batch_size),
                                  start_step=start_step, depth=2 * chunk_steps)
-    self._jit = jax.jit(lambda state, init_params, images, labels: scan_steps(
-        state, init_params, images, labels, step_fn=step_fn, pixel_scale=pixel_scale,
-        unroll=unroll), donate_argnums=0)
+    self._jit = jax.jit(lambda state, inputs, images, labels: scan_steps(
+        state, inputs, images, labels, step_fn=step_fn, end_metrics=end_metrics,
+        pixel_scale=pixel_scale, unroll=unroll), donate_argnums=0)
     self._last = None   # the placed batches of the latest call (for `lower`)
 
   def _batches(self, num_steps):
     return sharding.put_process_rows(self.prefetcher.take(num_steps), self._mesh, self._batch_size)
 
-  def __call__(self, state, init_params, num_steps: int):
-    self._last = self._batches(num_steps)
-    return self._jit(state, init_params, *self._last)
+  def __call__(self, state, inputs, num_active, num_steps: int):
+    del num_steps   # the device path's fixed chunk length; here the rows decide the shape
+    self._last = self._batches(int(num_active))
+    return self._jit(state, inputs, *self._last)
 
-  def lower(self, state, init_params, num_steps: int):
-    """The compiled chunk of `num_steps` steps (resources.ChunkCost's memory analysis)."""
-    assert self._last[0].shape[0] == num_steps
-    return self._jit.lower(state, init_params, *self._last)
+  def lower(self, state, inputs, num_active, num_steps: int):
+    """The compiled chunk of the latest call (resources.ChunkCost's memory analysis)."""
+    del num_active, num_steps
+    return self._jit.lower(state, inputs, *self._last)
 
   def close(self):
     self.prefetcher.close()
