@@ -239,6 +239,18 @@ def test_a_different_run_is_refused_but_harmless_fields_may_change(reference, tm
   for field, value in (("base_lr", 0.1), ("model", {**saved["model"], "widths": [64]})):
     with pytest.raises(ConfigError, match=field):
       checkpoint.check_same_run(os.path.join(workdir, "config.json"), {**saved, field: value})
+  # The sweep's definition may grow around a finished trial (its own values are its fields).
+  zipped = {**saved, "sweep_zip": {"batch_size": [32, 64], "base_lr": [0.05, 0.1]}}
+  (tmp_path / "zipped.json").write_text(json.dumps(zipped))
+  checkpoint.check_same_run(str(tmp_path / "zipped.json"), {
+      **zipped, "sweep_zip": {"batch_size": [32, 64, 128], "base_lr": [0.05, 0.12, 0.2]}})
+  # A field added to the framework after the trial ran (absent from its config.json) takes the
+  # default that keeps the old behaviour: finished work stays usable; a changed value does not.
+  newer = {**saved, "curvature": {**saved["curvature"], "added_since": "default"}}
+  checkpoint.check_same_run(os.path.join(workdir, "config.json"), newer)
+  with pytest.raises(ConfigError, match="curvature.every_steps"):
+    checkpoint.check_same_run(os.path.join(workdir, "config.json"), {
+        **newer, "curvature": {**newer["curvature"], "every_steps": 12345}})
 
 
 # The Checkpoints class on its own, with a small state (no training).
