@@ -66,7 +66,8 @@ def finish(workdir: str, verdicts: list[Verdict], started: float) -> None:
   for v in verdicts:
     print(v.line())
   wall = time.time() - started
-  print(f"wall time {wall:.0f} s; report: {os.path.join(workdir, results.REPORT_DIR, 'index.html')}")
+  print(f"wall time {wall:.0f} s; verdicts in {os.path.join(workdir, 'verdicts.json')}, each "
+        f"sweep's report in its {results.REPORT_DIR}/index.html under {workdir}")
   metrics.write_json(os.path.join(workdir, "verdicts.json"),
                      {"wall_time_s": wall, "verdicts": [dataclasses.asdict(v) for v in verdicts]})
 
