@@ -33,7 +33,7 @@ BATCH_SIZES = tuple(2**k for k in range(4, 14))   # 16 .. 8192
 # The centre of each batch size's LR grid: the best LR of a pilot sweep (power-0.25 rule x
 # multipliers 0.5..4, 2 seeds, same protocol), whose optimum sat at the top of its grid for
 # B = 128..4096 and at the bottom for B = 16. The grid 0.5x, 1x, 2x around it moves with B.
-LR_CENTRES = (0.018, 0.021, 0.06, 0.12, 0.4, 0.2, 0.24, 0.28, 0.28, 0.14)
+LR_CENTRES = (0.018, 0.021, 0.06, 0.12, 0.28, 0.2, 0.24, 0.28, 0.28, 0.14)
 
 
 def step_cap(batch_size):
