@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_bench_throughput_tiny_prints_its_table(tmp_path):
   out = tmp_path / "throughput.json"
   result = subprocess.run(

@@ -164,6 +164,7 @@ def test_sigterm_between_evaluations_saves_exits_143_and_a_rerun_finishes_the_sa
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_sigterm_right_after_a_checkpoint_exits_143_and_a_rerun_finishes_the_same(reference,
                                                                                   tmp_path):
   """The stop finds its step saved already (it used to fail saving it again, status `running`)."""
@@ -198,6 +199,7 @@ def test_truncated_latest_checkpoint_warns_once_and_resumes_from_the_previous(re
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_restores_across_device_counts_8_to_1_to_8(reference, tmp_path):
   """Same global batch and grad_groups: only the reduction order differs, so numbers agree to
   float tolerance, the noise-scale EMAs to what their conditioning implies (tests/agree.py, as in

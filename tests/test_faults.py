@@ -178,6 +178,7 @@ def finished_trial(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_measure_checkpoint_beside_a_save_in_progress(finished_trial, tmp_path):
   workdir = str(tmp_path / "trial")
   shutil.copytree(finished_trial, workdir)

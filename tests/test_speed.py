@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs import mnist
-from scaling import resources, sharding, step as steplib, train
+from scaling import sharding, step as steplib, train
 from tests.tiny import tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
@@ -100,6 +100,7 @@ def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
       float(steplib.param_norm(state.params)), rel=1e-6)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_memory_planner_reports_the_compiled_step_analysis():
   """The planner's bytes are XLA's memory analysis of the step compiled on real arrays (here built
   independently: a concrete state and batch), and they grow with the batch."""

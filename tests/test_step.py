@@ -63,6 +63,7 @@ def _batch(batch, image_shape=(8, 8, 1), seed=1):
           rng.integers(0, 10, batch).astype(np.int32))
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_accumulation_gives_the_update_of_one_big_batch():
   """No BN: K sequential microbatches, unrolled groups, and their mix all take the step of the
   plain full-batch gradient, to float32 rounding of sums over 64 examples (rtol 1e-5) and of
