@@ -42,7 +42,7 @@ def test_no_warmup_starts_at_the_scaled_lr_and_decays_when_the_warmup_arm_does(t
   assert lrs_cold[-1] == pytest.approx(lrs_warm[-1], rel=1e-6)   # same step decay afterwards
 
 
-@pytest.mark.heavy   # 5 trials: ~60 CPU-s here, mostly compilation
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys):
   common.main(goyal.run, [f"--workdir={tmp_path}", "--scale=smoke"], "goyal")
   out = capsys.readouterr().out

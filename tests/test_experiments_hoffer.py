@@ -39,7 +39,7 @@ def test_log_fit_tells_log_growth_from_a_random_walk():
   assert walk_fit["sqrt"][1] == pytest.approx(1.0) and walk_fit["log"][1] < 0.99
 
 
-@pytest.mark.heavy   # 5 trials: about a minute of CPU here, mostly compilation
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys):
   common.main(hoffer.run, [f"--workdir={tmp_path}", "--scale=smoke"], "hoffer")
   out = capsys.readouterr().out

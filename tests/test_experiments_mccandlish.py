@@ -58,7 +58,7 @@ def test_hyperbola_exact_and_perturbed():
   assert mccandlish.hyperbola(bent, fit_of(bent)).outcome == common.NOT_CONFIRMED
 
 
-@pytest.mark.heavy   # long: CI runs it in the heavy pass
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_smoke_reuses_or_runs_the_shallue_momentum_sweep(tmp_path, capsys):
   argv = [f"--workdir={tmp_path}", "--scale=smoke"]
   common.main(mccandlish.run, argv, "mccandlish", mccandlish.add_arguments)

@@ -68,7 +68,7 @@ def test_malladi_rule_and_deviation():
   assert malladi.deviation({200: 1.1, 300: 0.4, 400: 9.0}, base) == pytest.approx(0.15)
 
 
-@pytest.mark.heavy
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 @pytest.mark.parametrize("name", sorted(PAPERS))
 def test_smoke_run_prints_a_verdict_per_claim(name, tmp_path, capsys):
   module = PAPERS[name]

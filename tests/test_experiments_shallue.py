@@ -114,7 +114,7 @@ def test_here_config_momentum_is_the_default_study_and_sgd_sits_beside_it():
   assert [(p.model.name, p.target.value) for p in paper] == [("cnn", 0.01), ("cnn", 0.1)]
 
 
-@pytest.mark.heavy   # long: CI runs it in the heavy pass
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_smoke_runs_end_to_end(tmp_path, capsys):
   common.main(shallue.run, [f"--workdir={tmp_path}", "--scale=smoke"], "shallue",
               shallue.add_arguments)

@@ -19,7 +19,7 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.heavy   # long: CI runs it in the heavy pass
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_logged_distance_from_init_is_the_checkpoints_and_lbfgsb_uses_the_subset(tmp_path):
   config = tiny_config(**{"num_devices": 1, "budget.length": 8.0})
   train.run(config, str(tmp_path))
@@ -48,7 +48,7 @@ def test_logged_distance_from_init_is_the_checkpoints_and_lbfgsb_uses_the_subset
   assert float(sharp.max_loss) > loss   # a gradient step inside the box raises a positive loss
 
 
-@pytest.mark.heavy   # long: CI runs it in the heavy pass
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_scheduled_top_eigenvalue_measures_only_it_and_everything_at_the_end(tmp_path):
   config = tiny_config(**{"num_devices": 1, "budget.length": 16.0, "eval_every.length": 4.0,
                           "curvature.enabled": True, "curvature.every_steps": 4,

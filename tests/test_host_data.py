@@ -167,7 +167,7 @@ def test_auto_places_a_set_above_the_device_fraction_on_the_host(monkeypatch):
   np.testing.assert_array_equal(labels, small.train_labels[[7, 3]])
 
 
-@pytest.mark.heavy
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_two_processes_reading_their_rows_match_one_process_on_device(tmp_path):
   """Each of two processes (2 devices each) reads only its 16 rows of each batch of 32 from the
   array_record files; together they train one process's device-path trial (4 devices)."""
