@@ -17,6 +17,11 @@ def get_config():
       data_dir="",            # '' = $TFDS_DATA_DIR, else TFDS's default
       validation_size=5000,   # held out from the end of train (Shallue et al.)
       train_size=0,           # 0 = all remaining training examples
+      # Training set on every device (fast, small sets) or read per batch from the data set's
+      # array_record files on the host (scaling/data/host.py): auto | device | host. auto = host
+      # when the training set exceeds device_fraction of one device's memory.
+      placement="auto",
+      device_fraction=0.25,
   ))
   c.model = ml_collections.ConfigDict(dict(name="cnn", widths=(512, 512), batch_norm=False))
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -73,6 +78,10 @@ def get_config():
   # On for the MLP sweep (configs/mnist_sweep.py) and meant for accelerators.
   c.curvature = ml_collections.ConfigDict(dict(
       enabled=False, every_steps=0, subset_size=1024, unroll=False,
+      # What the every_steps measurements compute: 'all', or 'top_eigenvalue' (warm-started
+      # Lanczos only: cheap enough to follow the sharpness every few steps, Cohen et al. 2021).
+      # At the target and at the end everything is measured.
+      scheduled="all",
       # Hutchinson: stop at standard error <= trace_tol * |trace|, after min_probes, at most
       # max_probes (whole chunks of probe_chunk).
       max_probes=100, probe_chunk=10, trace_tol=0.05, min_probes=20,

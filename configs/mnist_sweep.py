@@ -15,15 +15,18 @@ of Shallue's 1% (the CNN's), so that the 60 trials fit on 2 CPU cores.
 Curvature is off (its compilation would cost more than most trials here); turn it on
 (`--config.curvature.enabled=True`) to measure it at the target and at the end.
 
-Measured (2026-11-28, 2 CPU cores, one worker, while the full test suite ran beside it on the
-same 2 cores): 60 trials in 21.0 min wall (16.4 min user + 1.1 min system CPU); the trials' own
-wall time adds up to 17.8 min, 3.0 of it compiling (each LR is a new program). The report shows all three regimes: perfect scaling
-(examples to target within 1.2x) up to B = 128, diminishing returns around B_crit = 300 +- 44
-(95% bootstrap [196, 401]), and a floor of S_min = 71 steps [59, 84] (steps flat from 1024 to
-8192); every batch size up to 8192 reached 4%; no trial diverged; B_simple at the target (median
-over batch sizes) is 70, range 30-473: ~300-470 at B <= 64, falling at large B where its 100-step
-EMA is longer than the run. The best multiplier sits at the grid edge at B = 32, 256 and 8192
-(flagged in the report); at the pilot's fixed power-0.25 rule it sat at the edge at 9 of 10.
+Measured (2026-11-29, 2 CPU cores, the LR centres below): 60 trials, 16.3 min of CPU (976 s user +
+system for the run with B = 256's previous centre, whose 6 trials were then rerun at 0.28 in 111 s;
+nothing else changed). The wall time is not meaningful for that run (81 min: eight other
+processes shared the 2 cores, load average 30-80); on an idle machine the wall time is at most
+about the CPU time (2026-11-28, a similar grid: 21.0 min wall while the test suite ran beside it,
+17.5 CPU-min). The report shows all three regimes: perfect scaling (examples to target within
+1.2x) up to B = 128, diminishing returns at B = 256-1024, maximal data parallelism from B = 2048
+(steps 70-93 to 8192); B_crit = 300 +- 44 (95% bootstrap [197, 397]), S_min = 71 steps [59, 84];
+every batch size up to 8192 reached 4%; no trial diverged; the best LR is bracketed by its grid at
+every batch size. B_simple at the target has median 70 (range 30-473; ~285-470 at B <= 64),
+falling at large B where its ~100-step EMA is longer than the run. The tuned LR grows as B^0.97 up
+to B = 128 (the linear rule) and is flat (B^-0.09) beyond.
 """
 import ml_collections
 
@@ -32,8 +35,10 @@ from configs import mnist
 BATCH_SIZES = tuple(2**k for k in range(4, 14))   # 16 .. 8192
 # The centre of each batch size's LR grid: the best LR of a pilot sweep (power-0.25 rule x
 # multipliers 0.5..4, 2 seeds, same protocol), whose optimum sat at the top of its grid for
-# B = 128..4096 and at the bottom for B = 16. The grid 0.5x, 1x, 2x around it moves with B.
-LR_CENTRES = (0.018, 0.021, 0.06, 0.12, 0.4, 0.2, 0.24, 0.28, 0.28, 0.14)
+# B = 128..4096 and at the bottom for B = 16; then moved at B = 32, 8192 (the next run's best sat
+# at an edge there) and B = 256 (0.2 and 0.4 each won one run: 0.28 brackets both). The grid
+# 0.5x, 1x, 2x around it moves with B.
+LR_CENTRES = (0.018, 0.021, 0.06, 0.12, 0.28, 0.2, 0.24, 0.28, 0.28, 0.14)
 
 
 def step_cap(batch_size):

@@ -41,12 +41,15 @@ def decide(claim: str, holds: bool | None, evidence: str, rule: str) -> Verdict:
   return Verdict(claim, outcome, evidence, rule)
 
 
-def parse_args(argv: list[str], description: str) -> argparse.Namespace:
+def parse_args(argv: list[str], description: str, add_arguments=None) -> argparse.Namespace:
+  """add_arguments(parser), if given, adds an experiment's own options (e.g. a workdir to reuse)."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--workdir", required=True, help="where the sweeps, report and verdicts go")
   parser.add_argument("--scale", choices=SCALES, default="here",
                       help="smoke: seconds (tests); here: <= 20 min on 2 CPU cores; paper: the "
                            "paper's sizes, for accelerators")
+  if add_arguments:
+    add_arguments(parser)
   return parser.parse_args(argv)
 
 
@@ -63,14 +66,15 @@ def finish(workdir: str, verdicts: list[Verdict], started: float) -> None:
   for v in verdicts:
     print(v.line())
   wall = time.time() - started
-  print(f"wall time {wall:.0f} s; report: {os.path.join(workdir, results.REPORT_DIR, 'index.html')}")
+  print(f"wall time {wall:.0f} s; verdicts in {os.path.join(workdir, 'verdicts.json')}, each "
+        f"sweep's report in its {results.REPORT_DIR}/index.html under {workdir}")
   metrics.write_json(os.path.join(workdir, "verdicts.json"),
                      {"wall_time_s": wall, "verdicts": [dataclasses.asdict(v) for v in verdicts]})
 
 
-def main(run, argv: list[str], description: str) -> None:
+def main(run, argv: list[str], description: str, add_arguments=None) -> None:
   """Entry point of an experiment module: `run(args) -> list[Verdict]`; bad input is one line."""
-  args = parse_args(argv, description)
+  args = parse_args(argv, description, add_arguments)
   started = time.time()
   try:
     verdicts = run(args)

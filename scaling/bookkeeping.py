@@ -43,29 +43,43 @@ def noise_metrics(noise: dict) -> dict:
 
 
 def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
-               spec):
-  """Folds `count` per-step metrics into the window; writes a record every log_every_steps."""
-  window = book["window"]
-  for i in range(count):
-    done = first_step + i + 1
+              spec, chunk_ends):
+  """Folds `count` per-step metrics into the window; writes a record every log_every_steps.
+
+  `chunk_ends` maps a chunk's last step to the metrics measured after it (train.chunk_end_metrics:
+  param_norm, param_distance_from_init): the loop ends a chunk at every record, so a record's are
+  those after its own step (a divergence record, mid-chunk, has none). Window sums run over slices (numpy), not step by step in Python: at small
+  batches on a GPU the host's per-step work would be a visible share of the step time."""
+  done_K = first_step + 1 + np.arange(count)
+  record_K = (done_K % spec.log_every_steps == 0) | (done_K == spec.total_steps)
+  if diverged:
+    record_K[-1] = True
+  begin = 0
+  for end in [*(np.flatnonzero(record_K) + 1), count]:
+    if end == begin:
+      break
+    window = book["window"]
     if spec.noise_sizes:
-      # Host floats: the EMA is part of the checkpointed bookkeeping (exact resume).
-      book["noise"] = noise_scale_lib.noise_scale_update(
-          noise_scale_lib.NoiseScaleEMA(**book["noise"]), float(metrics_K["noise/small_grad_sq"][i]),
-          float(metrics_K["noise/big_grad_sq"][i]), *spec.noise_sizes,
-          decay=spec.noise_ema_decay)._asdict()
+      for i in range(begin, end):
+        # Host floats: the EMA is part of the checkpointed bookkeeping (exact resume).
+        book["noise"] = noise_scale_lib.noise_scale_update(
+            noise_scale_lib.NoiseScaleEMA(**book["noise"]),
+            float(metrics_K["noise/small_grad_sq"][i]), float(metrics_K["noise/big_grad_sq"][i]),
+            *spec.noise_sizes, decay=spec.noise_ema_decay)._asdict()
     for key in ("train/loss", "train/accuracy", "grad_norm"):
-      window["sums"][key] = window["sums"].get(key, 0.0) + float(metrics_K[key][i])
-    window["steps"] += 1
-    last = done == spec.total_steps or (diverged and i == count - 1)
-    if done % spec.log_every_steps and not last:
-      continue
+      window["sums"][key] = window["sums"].get(key, 0.0) + float(
+          np.sum(metrics_K[key][begin:end], dtype=np.float64))
+    window["steps"] += int(end - begin)
+    if not record_K[end - 1]:
+      break   # the rest of the window waits for the next chunk
+    done = int(done_K[end - 1])
     record = {k: v / window["steps"] for k, v in window["sums"].items()}
-    record.update(lr=float(metrics_K["lr"][i]), param_norm=float(metrics_K["param_norm"][i]),
-                  examples_per_sec=examples_per_sec, **noise_metrics(book["noise"]))
+    record.update(lr=float(metrics_K["lr"][end - 1]), examples_per_sec=examples_per_sec,
+                  **noise_metrics(book["noise"]), **chunk_ends.get(done, {}))
     writer.write(done, record)
     book["last_train"] = {k: record[k] for k in ("train/loss", "train/accuracy")}
-    window = book["window"] = {"steps": 0, "sums": {}}
+    book["window"] = {"steps": 0, "sums": {}}
+    begin = end
 
 
 def first_divergence(losses_K: np.ndarray, first_step: int, initial_loss: float,

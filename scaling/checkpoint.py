@@ -176,8 +176,14 @@ class Checkpoints:
       self._manager.close()
 
 
-RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "derived.num_devices",
+# The sweep's definition (`sweep`, `sweep_zip`) may grow or move around a trial: its own values
+# are in its other fields.
+RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "sweep_zip",
+                     "derived.num_devices",
                      "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster",
+                     # both placements of the training set read the same order
+                     "dataset.placement", "dataset.device_fraction", "derived.data_placement",
+                     # a group trains vmapped or alone to the same numbers
                      "vectorize_trials")
 
 
@@ -194,7 +200,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = ()) -> None:
   """Refuses to resume (or rerun) a trial directory written by a different run (batch size, LR,
   model, ...); `ignore` adds fields to RESUME_MAY_CHANGE (e.g. `derived`, when comparing configs
-  before a plan is made)."""
+  before a plan is made). Only fields both configs hold are compared: a field added to the
+  framework since the trial ran defaults to the behaviour it ran with (the rule for every new
+  field), and a removed one no longer acts, so neither makes finished work unusable."""
   if not os.path.exists(config_path):
     return
   with open(config_path) as f:
@@ -202,8 +210,8 @@ def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = (
   current = _flatten(resolved)
   may_change = RESUME_MAY_CHANGE + tuple(ignore)
   allowed = lambda key: any(key == p or key.startswith(p + ".") for p in may_change)
-  changed = sorted(k for k in set(saved) | set(current)
-                   if not allowed(k) and saved.get(k) != current.get(k))
+  changed = sorted(k for k in set(saved) & set(current)
+                   if not allowed(k) and saved[k] != current[k])
   if changed:
     key = changed[0]
     raise ConfigError(

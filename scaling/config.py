@@ -43,6 +43,11 @@ def _fraction(x) -> bool:     # [0, 1)
 
 # (dotted field, test of its value, what a valid value is). Ordered as the config files are.
 _RULES = (
+    ("dataset.placement", lambda x: x in ("auto", "device", "host"),
+     "'auto' (host when the train set is large), 'device' or 'host'"),
+    ("dataset.device_fraction", lambda x: _finite(x) and 0 < x <= 1,
+     "a number in (0, 1]: auto places the train set on the host above this share of a device's"
+     " memory"),
     ("batch_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("reference_batch_size", lambda x: _int(x) and x >= 1,
      "an integer >= 1: the batch size at which lr = base_lr"),
@@ -77,6 +82,8 @@ _RULES = (
     ("curvature.every_steps", lambda x: _int(x) and x >= 0,
      "an integer >= 0 (0 = only at the end)"),
     ("curvature.subset_size", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("curvature.scheduled", lambda x: x in ("all", "top_eigenvalue"),
+     "'all' or 'top_eigenvalue' (what the every_steps measurements compute)"),
     ("curvature.max_probes", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.min_probes", lambda x: _int(x) and x >= 2,
      "an integer >= 2 (the standard error of the trace needs two probes)"),

@@ -37,14 +37,16 @@ def regimes(rows, tolerance=study.PERFECT_SCALING_TOLERANCE):
   """One group's best rows -> (perfect, diminishing, flat) batch sizes that reached the target.
 
   perfect: examples to target within `tolerance` of those at the smallest batch size, for it and
-  every smaller one (study.best_per_batch's `perfect_scaling`); flat (maximal data parallelism):
-  the largest batch sizes whose steps are all within `tolerance` of the fewest, when at least two
-  are (one point shows no plateau); diminishing returns: the reached ones in between."""
+  every smaller one (study.best_per_batch's `perfect_scaling`); flat (maximal data parallelism,
+  Shallue et al.: a larger batch no longer reduces the steps): the largest batch sizes B whose
+  steps are within `tolerance` of the fewest at any batch size >= B (steps that rise past the
+  minimum are in it too), when at least two are (one point shows no plateau); diminishing
+  returns: the reached ones in between."""
   reached = sorted((r for r in rows if r["outcome"] == "reached"), key=lambda r: r["batch_size"])
   perfect = [r["batch_size"] for r in reached if r["perfect_scaling"]]
-  floor = min((r["steps_to_target"] for r in reached), default=math.inf)
-  flat = []
+  flat, floor = [], math.inf   # floor: the fewest steps at this batch size or any larger one
   for r in reversed(reached):
+    floor = min(floor, r["steps_to_target"])
     if r["steps_to_target"] > tolerance * floor or r["batch_size"] in perfect:
       break
     flat.insert(0, r["batch_size"])
@@ -80,8 +82,10 @@ def _regime_sentence(rows, tolerance):
                   "fell by less than 1/B, or rose, between neighbouring batch sizes)"))
   floor = min(r["steps_to_target"] for r in reached)
   if flat:
-    parts.append(f"from B = {flat[0]} to {flat[-1]} the steps stayed within {tolerance:g}x of the "
-                 f"fewest ({floor:.0f}): maximal data parallelism")
+    flat_steps = [r["steps_to_target"] for r in reached if r["batch_size"] in flat]
+    parts.append(f"from B = {flat[0]} to {flat[-1]} no larger batch size reduced the steps by more "
+                 f"than {tolerance:g}x (steps {min(flat_steps):.0f}-{max(flat_steps):.0f}): "
+                 "maximal data parallelism")
   elif len(reached) > 1:
     top = max(reached, key=lambda r: r["batch_size"])
     parts.append(f"no plateau of steps was reached (B = {top['batch_size']} "

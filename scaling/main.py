@@ -31,6 +31,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/scaling/jax", "Persistent XLA compilation cache ('' = off):"
     " trials of a sweep and reruns reuse compiled steps instead of compiling again.")
+_PLAN_MEMORY = flags.DEFINE_bool(
+    "plan_memory", False, "Print each sweep batch size's per-device memory for one training step"
+    " (XLA's compiled memory analysis, nothing runs) and the largest power-of-two batch that fits.")
+_MEMORY_LIMIT = flags.DEFINE_float(
+    "memory_limit_mib", 0, "Device memory to plan against in MiB (0 = the device's own limit,"
+    " where the backend reports one).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,7 +59,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file it writes at INFO
   try:
-    if not _LIST.value:    # listing a sweep (someone else's, read-only) writes nothing
+    if not (_LIST.value or _PLAN_MEMORY.value):    # listing a sweep (someone else's, read-only) writes nothing
       check_workdir(_WORKDIR.value)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       import jax
@@ -66,6 +72,9 @@ def main(argv):
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from scaling import metrics, sweep
+    if _PLAN_MEMORY.value:
+      print("\n".join(sweep.plan_memory(_CONFIG.value, int(_MEMORY_LIMIT.value * 2**20) or None)))
+      return
     try:
       summaries = sweep.main(_CONFIG.value, _WORKDIR.value, trial=_TRIAL.value,
                              list_only=_LIST.value)

@@ -49,6 +49,8 @@ class Measure:
       weights = mask_like(weights, labels)   # a sequence model's loss is the mean over tokens
       return (cross_entropy_B(logits, labels) * weights).sum() / weights.sum()
 
+    self._loss = loss
+
     def bind(fn):  # f(loss_fn, params, *args) -> jitted g(params, batch_stats, data, *args)
       return jax.jit(lambda p, bs, data, *args: fn(lambda q: loss(q, bs, *data), p, *args))
 
@@ -62,6 +64,26 @@ class Measure:
     self._density = bind(lambda f, p, key: curvature.spectral_density(
         f, p, key, num_starts=cc.density_starts, num_steps=cc.density_steps, unroll=cc.unroll))
 
+  def _top(self, state, v0, step_seconds) -> dict:
+    eigen, eigen_s = self._timed(self._eigen, state, v0)
+    self.top_vector = jax.tree.map(jnp.asarray, eigen.eigenvector)
+    results = {"curvature/top_eigenvalue": float(eigen.eigenvalues[0]),
+               "curvature/eigenvalues": [float(x) for x in eigen.eigenvalues],
+               **{f"curvature/eig_residual_{i}": float(r) for i, r in enumerate(eigen.residuals)},
+               "cost/lanczos_seconds": eigen_s}
+    if step_seconds:
+      results["cost/lanczos_in_steps"] = eigen_s / step_seconds
+    return results
+
+  def sharpness_lbfgsb(self, state, eps: float, max_iter: int = 10) -> curvature.Sharpness:
+    """Keskar et al.'s epsilon-sharpness as they measured it (scipy's L-BFGS-B, max_iter
+    iterations), on the same subset and eval-mode loss as the other measurements. A host loop:
+    for the end of a trial, not for a schedule."""
+    data = (self.images, self.labels, self.weights)
+    return curvature.epsilon_sharpness_lbfgsb(
+        lambda p: self._loss(p, state.batch_stats, *data), state.params, eps=eps,
+        max_iter=max_iter)
+
   def _timed(self, fn, state, *args):
     """(result on the host, seconds of the compiled computation: compilation not counted)."""
     call_args = (state.params, state.batch_stats, (self.images, self.labels, self.weights), *args)
@@ -72,11 +94,14 @@ class Measure:
     return sharding.to_host(out), time.perf_counter() - start
 
   def __call__(self, state, step: int, step_seconds: float | None = None,
-               density: bool = False) -> dict:
+               density: bool = False, top_only: bool = False) -> dict:
+    """top_only: the warm-started Lanczos alone (curvature.scheduled='top_eigenvalue')."""
     key = jax.random.fold_in(self.key, step)
     v0 = self.top_vector
     if v0 is None:
       v0 = curvature.rademacher_like(jax.random.fold_in(key, 1), state.params)
+    if top_only:
+      return self._top(state, v0, step_seconds)
     grad_s = min(self._timed(self._grad, state)[1] for _ in range(3))   # cheap: best of 3
     trace_key = jax.random.fold_in(key, 0)
     self._timed(self._probes, state, trace_key, jnp.int32(0))   # compile (and warm) the chunk

@@ -46,7 +46,8 @@ def load_trial_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(resolved)
 
 
-def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
+def restore(workdir: str, step_flag: str = "latest"):
+  """A trial's checkpoint -> (config, model, splits, mesh, step, state), read-only."""
   at_most = parse_step(step_flag)
   config = load_trial_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -66,6 +67,11 @@ def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
     raise ConfigError(f"--step={step_flag}: no usable checkpoint at that step in {directory}"
                       f" (saved steps: {steps})")
   step, state, _ = restored
+  return config, model, splits, mesh, step, state
+
+
+def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
+  config, model, splits, mesh, step, state = restore(workdir, step_flag)
   results = measure.Measure(config.curvature, model, splits, mesh, config.seed)(
       state, step, density=density)
   spectrum = results.pop("curvature/density", None)

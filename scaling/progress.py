@@ -115,7 +115,12 @@ class TrialProgress:
     slope, intercept = np.polyfit(np.log([s for s, _ in pts]), np.log([v for _, v in pts]), 1)
     if slope >= 0:
       return self.total_steps
-    crossing = math.exp((math.log(self.target[1]) - intercept) / slope)
+    # In log space: a nearly flat trend puts the crossing past any float (it must never crash a
+    # trial: this is a console estimate), and past the cap the cap is the answer anyway.
+    log_crossing = (math.log(self.target[1]) - intercept) / slope
+    if not log_crossing < math.log(self.total_steps):
+      return self.total_steps
+    crossing = math.exp(log_crossing)
     return int(min(max(math.ceil(crossing - 1e-6), self.step), self.total_steps))   # float noise
 
   def eta(self, step: int) -> dict:

@@ -52,7 +52,8 @@ def count_summary(before: collections.Counter, after: collections.Counter) -> di
   """What happened between two compile_counts(): XLA compilations of the train chunk and of all
   functions, and executables loaded from the persistent cache instead."""
   delta = after - before
-  return {"train_chunk": delta["train_chunk", "compiled"],
+  # A vectorised group's chunk (scaling/vectorized.py) is its members' train chunk.
+  return {"train_chunk": delta["train_chunk", "compiled"] + delta["vectorized_chunk", "compiled"],
           "all": sum(n for (_, kind), n in delta.items() if kind == "compiled"),
           "cache_hits": sum(n for (_, kind), n in delta.items() if kind == "cache_hit")}
 
@@ -63,7 +64,7 @@ class ChunkCost:
 
   def __init__(self, chunk_fn, record: dict, batch_size: int):
     self._fn, self._record, self._batch_size = chunk_fn, record, batch_size
-    self._seen, self._compiled_in_segment = set(), False
+    self._seen, self._compiled_in_segment, self._segment_compile = set(), False, 0.0
     self._counted_from = compile_counts()
     record.setdefault("compilations", {"train_chunk": 0, "all": 0, "cache_hits": 0})
     record.setdefault("compile_seconds", 0.0)
@@ -75,6 +76,7 @@ class ChunkCost:
       return self._fn(state, *args, num_steps=num_steps)
     started = time.perf_counter()
     out = self._fn(state, *args, num_steps=num_steps)   # returns once compiled and dispatched
+    self._segment_compile += time.perf_counter() - started
     self._record["compile_seconds"] += time.perf_counter() - started
     self._seen.add(num_steps)
     self._compiled_in_segment = True
@@ -82,12 +84,14 @@ class ChunkCost:
       self._record.update(_memory_analysis(self._fn, out[0], args, num_steps))
     return out
 
-  def segment_done(self, steps: int, seconds: float) -> None:
-    """Counts a dispatched-and-fetched segment of `steps` steps unless it included a compile."""
+  def segment_done(self, steps: int, seconds: float) -> float:
+    """Counts a dispatched-and-fetched segment of `steps` steps unless it included a compile;
+    returns the seconds of this segment's compile calls (0.0 without)."""
     if not self._compiled_in_segment:
       self._record["train_seconds"] += seconds
       self._record["train_steps"] += steps
-    self._compiled_in_segment = False
+    compiled, self._compiled_in_segment, self._segment_compile = self._segment_compile, False, 0.0
+    return compiled
 
   def _count_compilations(self) -> None:
     """Adds the compilations since the last call to the record (it outlives a resume)."""

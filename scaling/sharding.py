@@ -66,6 +66,22 @@ def data_parallel(local_fn, mesh: Mesh, axis: str = DATA, *, num_replicated: int
   return wrapped
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """The rows of a [batch_size, ...] batch split over `data` that this process's devices hold, in
+  the order `put_process_rows` expects them (one block per process for a 1-D mesh)."""
+  index_map = batch_sharded(mesh).addressable_devices_indices_map((batch_size,))
+  blocks = sorted({index[0].indices(batch_size) for index in index_map.values()})
+  return np.concatenate([np.arange(*block) for block in blocks])
+
+
+def put_process_rows(tree, mesh: Mesh, batch_size: int):
+  """[K, R, ...] numpy holding this process's R rows (`process_rows`) of K global batches ->
+  global [K, batch_size, ...] arrays, each batch split over `data`."""
+  split = NamedSharding(mesh, P(None, DATA))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      split, x, (x.shape[0], batch_size, *x.shape[2:])), tree)
+
+
 def constrain_batch(x, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
 

@@ -155,6 +155,9 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
                flip: bool = False):
   """One step on a global batch; returns the new state and this step's scalar metrics.
 
+  Only what a train record averages or needs per step: the parameter norm, a reduction over every
+  weight as costly as the update itself for small models, is `param_norm`'s, once per chunk.
+
   With `augment_key`, the batch is augmented first (augment_images) with the key folded with the
   step number. With `peak_lr` (a runtime scalar), `optimizer` and `lr_fn` are built at peak 1
   (`schedule.learning_rate_fn(..., peak=1)`) and the update is scaled by `peak_lr`: every
@@ -180,7 +183,9 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
       for x_bxX, y_b in zip(jnp.split(images_SxX, per_scan_step),
                             jnp.split(labels_S, per_scan_step)):
         (loss, (stats, accuracy)), grads = grad_fn(params, batch_stats, x_bxX, y_b)
-        sums = _add(sums, {"grad": grads, "grad_sq": noise_scale.sq_norm(grads), "loss": loss,
+        # One group (no noise scale): |G_small|^2 = |G_big|^2, computed once below.
+        grad_sq = noise_scale.sq_norm(grads) if mb.groups > 1 else scalar
+        sums = _add(sums, {"grad": grads, "grad_sq": grad_sq, "loss": loss,
                            "accuracy": accuracy, "batch_stats": stats})
       return sums
 
@@ -204,6 +209,8 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
     sums = jax.lax.psum(sums, axis)
     grads, small_grad_sq, big_grad_sq = noise_scale.finish_group_grad_stats(
         sums["grad"], sums["grad_sq"], mb.groups)
+    if mb.groups == 1:
+      small_grad_sq = big_grad_sq
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: (peak_lr * u).astype(u.dtype), updates)
@@ -213,7 +220,6 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
                                    batch_stats)
     metrics = {"train/loss": mean(sums["loss"]), "train/accuracy": mean(sums["accuracy"]),
                "grad_norm": jnp.sqrt(big_grad_sq),
-               "param_norm": jnp.sqrt(noise_scale.sq_norm(new_params)),
                "noise/small_grad_sq": small_grad_sq, "noise/big_grad_sq": big_grad_sq}
     return new_params, new_batch_stats, opt_state, metrics
 
@@ -224,6 +230,10 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, metrics
+
+
+def param_norm(params):
+  return jnp.sqrt(noise_scale.sq_norm(params))
 
 
 def mask_like(mask_E, labels_ExS):

@@ -24,6 +24,7 @@ trial would hit it too.
 import csv
 import dataclasses
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, metrics, progress, schedule, sharding, train, vectorized
+from scaling import checkpoint, memory, metrics, progress, schedule, sharding, train, vectorized
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -266,13 +267,25 @@ def _run_trials(ready: list[Trial]) -> list[dict]:
                         [t.id for t in ready], [t.overrides for t in ready])
 
 
+def plan_memory(config, limit_bytes: int | None = None) -> list[str]:
+  """--plan_memory: the memory planner's lines for the sweep's batch sizes (compiles, never runs)."""
+  trials = expand(config, "")
+  splits = train.load_data(config)
+  devices = sharding.make_mesh(config.num_devices).size
+  validate(trials, len(splits.train_labels), devices)
+  batch_sizes = sorted({t.config.batch_size for t in trials})
+  bytes_of = functools.partial(train.step_memory_bytes, trials[0].config, splits)
+  return memory.plan(bytes_of, batch_sizes, devices, len(splits.train_labels),
+                     limit_bytes or memory.device_memory_bytes())
+
+
 def main(config, workdir: str, trial: str | None = None, list_only: bool = False) -> list[dict]:
   """Expands, validates, then runs the selected trials in order; returns their summaries."""
   trials = expand(config, workdir)
   mesh = sharding.make_mesh(config.num_devices)
-  num_train = len(train.load_data(config).train_labels)
-  plans = validate(trials, num_train, mesh.size)
-  vectorized.check_sweep(config)
+  splits = train.load_data(config)
+  plans = validate(trials, splits.num_train, mesh.size)
+  vectorized.check_sweep(config, splits)
   if list_only:
     print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")
     for t, p in zip(trials, plans):

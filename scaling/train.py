@@ -6,6 +6,8 @@ steps run per dispatch under one `lax.scan`, so Python overhead does not dominat
 Per-step metrics stay on the device until the next evaluation, so dispatch never waits for them.
 `chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
 unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
+A training set too large for that (`dataset.placement`) is read per batch on the host in the same
+order instead (scaling/data/host.py: `HostChunk` stands in for the jitted chunk).
 """
 import dataclasses
 import functools
@@ -23,15 +25,13 @@ import numpy as np
 
 from scaling import checkpoint, data, models, schedule, sharding, step as steplib
 from scaling import measure as measure_lib
-from scaling import bookkeeping, progress, resources
+from scaling import bookkeeping, memory, noise_scale, progress, resources
 from scaling import metrics as metrics_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
 
 
-def epoch_order(data_key, epoch, num_examples):
-  """The example order of one epoch: a pure function of (seed, epoch), so a resume replays it."""
-  return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+epoch_order = data.host.epoch_order   # one order for both placements of the training set
 
 
 def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
@@ -49,21 +49,37 @@ class TrialInputs:
   peak_lr: jax.Array       # float32 scalar: plan.lr; the step scales the schedule's shape by it
   data_key: jax.Array      # each epoch's order
   augment_key: jax.Array   # the augmentations (folded with the step)
+  init_params: object      # the initial parameters: the distance from them is logged
 
   @classmethod
-  def of(cls, plan: schedule.Plan, seed: int) -> "TrialInputs":
+  def of(cls, plan: schedule.Plan, seed: int, init_params) -> "TrialInputs":
     return cls(peak_lr=jnp.float32(plan.lr), data_key=jax.random.PRNGKey(seed + 1_000_003),
-               augment_key=jax.random.PRNGKey(seed + 2_000_003))
+               augment_key=jax.random.PRNGKey(seed + 2_000_003), init_params=init_params)
 
 
-def train_chunk(state, arrays, inputs: TrialInputs, *, num_steps, num_examples, batch_size,
-                steps_per_epoch, gather, step_fn, shard_batch, unroll):
-  """`num_steps` training steps in one scan; `gather` (per data kind: `gather_examples`,
-  `data.text.gather_windows`) builds each batch on the devices from the epoch's order."""
+def chunk_end_metrics(params, init_params) -> dict:
+  """Measured once per chunk (the loop ends a chunk at every log record): the parameter norm and
+  the distance from the initial parameters (Hoffer et al. 2017: it grows like log(steps))."""
+  return {"param_norm": steplib.param_norm(params),
+          "param_distance_from_init": jnp.sqrt(noise_scale.sq_norm(
+              jax.tree.map(jnp.subtract, params, init_params)))}
+
+
+def train_chunk(state, arrays, inputs: TrialInputs, num_active, *, num_steps, num_examples,
+                batch_size, steps_per_epoch, gather, step_fn, shard_batch, unroll):
+  """The first `num_active` (a runtime count, at most `num_steps`) of `num_steps` training steps,
+  in one program: the shorter chunks at the end of a segment or before a log record reuse the
+  compiled chunk instead of compiling one per length. `gather` (per data kind: `gather_examples`,
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order.
+
+  Returns the state, the per-step metrics [num_steps] (zeros past num_active) and
+  chunk_end_metrics after the last step.
+  Rolled (`unroll` false): a loop of num_active iterations. Unrolled (XLA:CPU's convolutions are
+  ~10x slower in loops): num_steps steps, each past num_active skipped by a lax.cond.
+  """
   n, data_key = num_examples, inputs.data_key
 
-  def body(carry, _):
-    state, order_N = carry
+  def one_step(state, order_N):
     pos = state.step % steps_per_epoch
     order_N = jax.lax.cond(pos == 0, lambda: epoch_order(data_key, state.step // steps_per_epoch, n),
                            lambda: order_N)
@@ -71,12 +87,26 @@ def train_chunk(state, arrays, inputs: TrialInputs, *, num_steps, num_examples, 
     idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
     inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
     state, metrics = step_fn(state, inputs_BxX, targets_B, inputs.augment_key, inputs.peak_lr)
-    return (state, order_N), metrics
+    return state, order_N, metrics
 
   first_order = epoch_order(data_key, state.step // steps_per_epoch, n)
-  (state, _), metrics_K = jax.lax.scan(body, (state, first_order), None, length=num_steps,
-                                       unroll=unroll)
-  return state, metrics_K
+  zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                       jax.eval_shape(one_step, state, first_order)[2])
+  metrics_K = jax.tree.map(lambda z: jnp.zeros((num_steps, *z.shape), z.dtype), zeros)
+
+  def body(i, carry):
+    state, order_N, metrics_K = carry
+    state, order_N, metrics = one_step(state, order_N)
+    return state, order_N, jax.tree.map(lambda buf, m: buf.at[i].set(m), metrics_K, metrics)
+
+  carry = (state, first_order, metrics_K)
+  if unroll:
+    for i in range(num_steps):
+      carry = jax.lax.cond(i < num_active, functools.partial(body, i), lambda c: c, carry)
+  else:
+    carry = jax.lax.fori_loop(0, num_active, body, carry)
+  state, _, metrics_K = carry
+  return state, metrics_K, chunk_end_metrics(state.params, inputs.init_params)
 
 
 def _padded_eval_set(images, labels, eval_batch, mesh):
@@ -104,7 +134,9 @@ def load_data(config) -> data.Splits:
   try:
     return data.load(dataset.name, data_dir=dataset.data_dir or None,
                      validation_size=dataset.validation_size, train_size=dataset.train_size or None,
-                     context_length=context_length(config))
+                     context_length=context_length(config), placement=dataset.placement,
+                     device_fraction=dataset.device_fraction, head_size=max(
+                         config.train_eval_size, config.curvature.subset_size))
   except (ValueError, FileNotFoundError) as error:  # data.load's errors name the field already
     raise ConfigError(str(error)) from None
 
@@ -140,21 +172,10 @@ def resolved_config(config, plan: schedule.Plan, num_devices: int, num_params: i
 
 def build(config, splits, mesh):
   """(plan, model, learning-rate schedule, optimizer) of a trial: everything its state depends on."""
-  plan = check_config(config, len(splits.train_labels), mesh.size)
+  plan = check_config(config, splits.num_train, mesh.size)
   model = models.build(config.model, splits.num_classes)
   lr_fn = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction)
   return plan, model, lr_fn, steplib.make_optimizer(config.optimizer, lr_fn)
-
-
-def trial_record(config, plan, mesh, splits, abstract_state, trial_id: str,
-                 sweep_axes: dict | None) -> dict:
-  """What config.json holds: the resolved config, its derived numbers, the trial's name."""
-  num_params = models.parameter_count(abstract_state.params)
-  resolved = resolved_config(config, plan, mesh.size, num_params)
-  if splits.context_length:
-    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
-  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
-  return resolved
 
 
 def abstract_train_state(config, model, optimizer, splits, mesh):
@@ -166,6 +187,42 @@ def abstract_train_state(config, model, optimizer, splits, mesh):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
       jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
   return abstract_state, init
+
+
+def step_memory_bytes(config, splits, batch_size: int, accumulation_steps: int | None = None) -> int:
+  """Per-device bytes of one compiled training step of `config` at `batch_size` (compile only)."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  if accumulation_steps is not None:
+    config.accumulation_steps = accumulation_steps
+  mesh = sharding.make_mesh(config.num_devices)
+  _, model, lr_fn, optimizer = build(config, splits, mesh)
+  abstract_state, _ = abstract_train_state(config, model, optimizer, splits, mesh)
+  step_fn = functools.partial(
+      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
+      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA)
+  x_shape = (batch_size, *splits.train_images.shape[1:])
+  batch = sharding.batch_sharded(mesh)
+  x_dtype = jnp.float32 if splits.train_text is None else splits.train_images.dtype  # tokens
+  images = jax.ShapeDtypeStruct(x_shape, x_dtype, sharding=batch)
+  labels = jax.ShapeDtypeStruct((batch_size, *splits.train_labels.shape[1:]),
+                                splits.train_labels.dtype, sharding=batch)
+  m = jax.jit(step_fn, donate_argnums=0).lower(abstract_state, images, labels).compile(
+      ).memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def trial_record(config, plan, mesh, splits, abstract_state, trial_id: str,
+                 sweep_axes: dict | None) -> dict:
+  """What config.json holds: the resolved config, its derived numbers, the trial's name."""
+  num_params = models.parameter_count(abstract_state.params)
+  resolved = resolved_config(config, plan, mesh.size, num_params)
+  if splits.context_length:
+    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
+  resolved["derived"]["data_placement"] = "host" if splits.train_source else "device"
+  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
+  return resolved
 
 
 def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state, fresh_state):
@@ -190,13 +247,15 @@ def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state,
 
 
 def device_train_data(splits, mesh):
-  """(gather function, training arrays on the devices) for train_chunk."""
-  if splits.train_text is None:
-    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
-    return gather, sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
-  # Random windows of the whole train text; its fixed windows only size an epoch.
-  gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
-  return gather, sharding.put_replicated((splits.train_text,), mesh)
+  """(gather function, training arrays on the devices) for train_chunk; (None, None) when the
+  training set is read per batch on the host instead (data.host.HostChunk)."""
+  if splits.train_text is not None:  # random windows of the train text; fixed ones size an epoch
+    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
+    return gather, sharding.put_replicated((splits.train_text,), mesh)
+  if splits.train_source:
+    return None, None
+  gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+  return gather, sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
 
 
 def make_evaluate(config, splits, model, mesh):
@@ -229,45 +288,67 @@ def make_evaluate(config, splits, model, mesh):
   return evaluate
 
 
-def chunk_function(config, plan, splits, model, mesh, gather):
-  """train_chunk(state, arrays, inputs, *, num_steps) of this trial's model, optimizer and data."""
+def step_function(config, plan, model, mesh):
+  """The trial's steplib.train_step(state, inputs, targets, augment_key, peak_lr)."""
   # The step sees the schedule's shape (peak 1) and the peak LR as a runtime input (TrialInputs).
   lr_shape = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction, peak=1.0)
-  step_fn = functools.partial(
+  return functools.partial(
       steplib.train_step, apply_fn=model.apply, lr_fn=lr_shape,
       optimizer=steplib.make_optimizer(config.optimizer, lr_shape),
       microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+
+
+def chunk_function(config, plan, splits, mesh, gather, step_fn):
+  """train_chunk(state, arrays, inputs, num_active, *, num_steps) of this trial's data and step
+  (device-resident training data), not yet jitted."""
   return functools.partial(train_chunk, num_examples=len(splits.train_labels),
                            batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
                            gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
                            shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
 
 
-def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None) -> dict:
+def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None,
+        memory_limit_bytes: int | None = None) -> dict:
   """Trains one trial in `workdir`; returns the summary written to summary.json.
 
   `trial_id` and `sweep_axes` (dotted field -> value) name the trial within its sweep; they are
-  recorded in config.json for the report.
+  recorded in config.json for the report. A trial whose training step cannot fit the device's
+  memory (`memory_limit_bytes`, default the device's own limit where the backend reports one) is
+  refused with a ConfigError before anything trains.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.num_devices)
   splits = load_data(config)
   plan, model, _, optimizer = build(config, splits, mesh)
+  memory.check_fits(functools.partial(step_memory_bytes, config, splits), config.batch_size,
+                    memory_limit_bytes or memory.device_memory_bytes())
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
-  state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
+  init_fn = jax.jit(init, out_shardings=sharding.replicated(mesh))
+  rng = jax.random.PRNGKey(config.seed)
   resolved = trial_record(config, plan, mesh, splits, abstract_state, trial_id, sweep_axes)
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
   step, state, book = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
-                                      lambda: jax.jit(init, out_shardings=state_sharding)(rng))
+                                      lambda: init_fn(rng))
+  # The initial parameters, rebuilt from the seed (a resumed run gets the same ones), in their own
+  # buffers: the training state's are donated to the first chunk.
+  inputs = TrialInputs.of(plan, config.seed, init_fn(rng).params)
+  step_fn = step_function(config, plan, model, mesh)
   gather, train_arrays = device_train_data(splits, mesh)
-
-  chunk_fn = resources.ChunkCost(jax.jit(
-      chunk_function(config, plan, splits, model, mesh, gather),
-      static_argnames="num_steps", donate_argnames="state"),
-      book.setdefault("resources", {}), config.batch_size)
+  if splits.train_source:   # each process reads its rows of each batch, from `step` on
+    chunk = data.host.HostChunk(
+        splits.train_source, inputs.data_key, mesh, batch_size=config.batch_size,
+        steps_per_epoch=plan.steps_per_epoch, start_step=step, chunk_steps=config.chunk_steps,
+        step_fn=step_fn, end_metrics=chunk_end_metrics, pixel_scale=splits.pixel_scale,
+        unroll=config.chunk_unroll)
+    train_data = (inputs,)
+  else:
+    chunk = jax.jit(chunk_function(config, plan, splits, mesh, gather, step_fn),
+                    static_argnames="num_steps", donate_argnames="state")
+    train_data = (train_arrays, inputs)
+  chunk_fn = resources.ChunkCost(chunk, book.setdefault("resources", {}), config.batch_size)
   book["step_cap"] = plan.total_steps
   evaluate = make_evaluate(config, splits, model, mesh)
 
@@ -276,10 +357,11 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   try:
     return _train_loop(LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
                        state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
-                       measure_curvature=measure,
-                       train_data=(train_arrays, TrialInputs.of(plan, config.seed)))
+                       measure_curvature=measure, train_data=train_data)
   finally:
     ckpts.close()
+    if splits.train_source:
+      chunk.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +382,7 @@ class LoopSpec:
   loss_multiple: float                  # diverged past this multiple of the initial loss (0: off)
   curvature_every_steps: int
   curvature_density: bool
+  curvature_top_only: bool              # the every_steps measurements: top eigenvalue only
 
   @classmethod
   def of(cls, config, plan: schedule.Plan, workdir: str, groups: int) -> "LoopSpec":
@@ -313,7 +396,8 @@ class LoopSpec:
         noise_ema_decay=config.noise_scale.ema_decay,
         loss_multiple=config.divergence.loss_multiple,
         curvature_every_steps=config.curvature.every_steps,
-        curvature_density=config.curvature.density)
+        curvature_density=config.curvature.density,
+        curvature_top_only=config.curvature.scheduled == "top_eigenvalue")
 
 
 # Fields that may differ between a checkpointed run and its resumption without changing the run.
@@ -386,29 +470,39 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
       # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
       segment_end = min(spec.total_steps,
                         (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
-      chunks, started, stopping = [], time.perf_counter(), False
-      for start in range(step, segment_end, spec.chunk_steps):
+      chunks, started, stopping, start = [], time.perf_counter(), False, step
+      while start < segment_end:
         if stop.requested(start):
           segment_end, stopping = start, True
           break
-        state, metrics_K = chunk_fn(state, *train_data,
-                                    num_steps=min(spec.chunk_steps, segment_end - start))
+        # A chunk ends at a log record too: its parameter norm is the record's.
+        end = min(start + spec.chunk_steps, segment_end,
+                  (start // spec.log_every_steps + 1) * spec.log_every_steps)
+        state, metrics_K, ends = chunk_fn(state, *train_data, np.int32(end - start),
+                                          num_steps=spec.chunk_steps)
         if chunks:
           jax.block_until_ready(chunks[-1])
-        chunks.append(metrics_K)
+        chunks.append((start, end, metrics_K, ends))
+        start = end
       if chunks:
-        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(chunks))
+        fetched = jax.device_get([c[2:] for c in chunks])
+        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *[
+            jax.tree.map(lambda x: x[:end - start], m) for (start, end, *_), (m, _) in
+            zip(chunks, fetched)])
+        chunk_ends = {end: {k: float(v) for k, v in e.items()}
+                      for (_, end, *_), (_, e) in zip(chunks, fetched)}
         n = segment_end - step
         seconds = time.perf_counter() - started
-        chunk_fn.segment_done(n, seconds)
-        rate = writer.progress(segment_end, n, seconds, float(np.mean(metrics_K["train/loss"])))
+        compile_seconds = chunk_fn.segment_done(n, seconds)
+        rate = writer.progress(segment_end, n, seconds - compile_seconds,
+                               float(np.mean(metrics_K["train/loss"])))
         if book["initial_loss"] is None:
           book["initial_loss"] = float(metrics_K["train/loss"][0])
         diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
                                     spec.loss_multiple)
         count = diverged[0] + 1 if diverged else n
         bookkeeping.log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
-                   examples_per_sec=rate, spec=spec)
+                              examples_per_sec=rate, spec=spec, chunk_ends=chunk_ends)
         if diverged:  # a result, not a crash: record where and why, keep the sweep going
           book.update(status="diverged", diverged_at_step=step + diverged[0],
                       diverged_reason=diverged[1])
@@ -427,7 +521,9 @@ def _train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
         if measure_curvature and (finishing or newly_reached or _crossed(
             step, book["last_curvature_step"], spec.curvature_every_steps)):
           results = measure_curvature(state, step, step_seconds=B / rate,
-                                      density=finishing and spec.curvature_density)
+                                      density=finishing and spec.curvature_density,
+                                      top_only=spec.curvature_top_only and not (
+                                          finishing or newly_reached))
           density = results.pop("curvature/density", None)
           if density and jax.process_index() == 0:
             np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)

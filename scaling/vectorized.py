@@ -4,8 +4,10 @@ Trials whose configs differ only in VMAPPED_FIELDS (the seed: the init, data-ord
 augmentation keys; base_lr and lr_multiplier: the peak learning rate) share the model, the batch
 size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `train.train_chunk` over
 a stacked TrainState [M, ...] and each member's train.TrialInputs (peak LR, data and augmentation
-keys: the runtime arguments of a solo run's chunk), so a member does exactly a solo run's
-arithmetic.
+keys, initial parameters: the runtime arguments of a solo run's chunk), so a member does exactly a
+solo run's arithmetic. The chunk's runtime step count (num_active) is the group's, unbatched.
+The training set must live on the devices: the host data path (dataset.placement='host', or
+'auto' with a set too large) reads one order per trial on the host and is refused here.
 
 Everything on the host stays per member: its directory, config.json, metrics.jsonl, TensorBoard
 events, Orbax checkpoints (of its slice of the state: a solo run resumes them), summary.json, all
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import bookkeeping, checkpoint, resources, schedule, sharding, train
+from scaling import bookkeeping, checkpoint, memory, resources, schedule, sharding, train
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
 from scaling import step as steplib
@@ -60,12 +62,23 @@ def groups(trials: list, max_members: int) -> list[list]:
   return sorted(chunks, key=lambda g: g[0].index)
 
 
-def check_sweep(config) -> None:
-  """The option's own errors, before any training."""
+def check_sweep(config, splits) -> None:
+  """The option's own errors, before any training (`splits`: the sweep's data, loaded)."""
   for field in ("sweep", "sweep_zip"):
     if "vectorize_trials" in config[field]:
       raise ConfigError(f"{field}.vectorize_trials: vectorize_trials is an option of the whole"
                         " sweep, not an axis: set vectorize_trials itself")
+  if config.vectorize_trials > 1:
+    check_device_data(config, splits)
+
+
+def check_device_data(config, splits) -> None:
+  """Vectorised trials read the training set on the devices, not through the host data path."""
+  if splits.train_source:
+    raise ConfigError(
+        f"vectorize_trials={config.vectorize_trials} needs the training set on the devices, but"
+        f" dataset.placement={config.dataset.placement!r} reads it on the host: set"
+        " dataset.placement='device' or vectorize_trials=0")
 
 
 @dataclasses.dataclass
@@ -78,6 +91,7 @@ class Member:
   ckpts: checkpoint.Checkpoints
   step: int                          # where this member stands (it stops early when diverged)
   book: dict
+  inputs: train.TrialInputs          # the runtime arguments of its chunk
   cost: resources.ChunkCost = None   # summary() of the member's share of the group's cost
   writer: metrics_lib.MetricsWriter = None
   top_vector: object = None          # the curvature's Lanczos warm start
@@ -88,9 +102,10 @@ class Member:
     return self.book["status"] == "running" and self.summary is None
 
 
-def vectorized_chunk(state_M, inputs_M, active_M, arrays, *, num_steps, chunk_fn):
-  """`chunk_fn` (train.chunk_function) of every member at once; members whose active_M is False
-  keep their parameters and optimizer state (frozen: finished or diverged).
+def vectorized_chunk(state_M, inputs_M, active_M, arrays, num_active, *, num_steps, chunk_fn):
+  """`chunk_fn` (train.chunk_function) of every member at once, `num_active` steps each; members
+  whose active_M is False keep their parameters and optimizer state (frozen: finished or
+  diverged). Returns (state_M, metrics_MxK, chunk_end_metrics_M).
 
   The members train in lockstep, so they share one unbatched step counter: with a batched one,
   vmap turns the epoch's `lax.cond` (a new permutation of the training set at each epoch start)
@@ -99,15 +114,18 @@ def vectorized_chunk(state_M, inputs_M, active_M, arrays, *, num_steps, chunk_fn
   step = state_M.step[0]
 
   def one(state, inputs, active):
-    new_state, metrics_K = chunk_fn(state.replace(step=step), arrays, inputs, num_steps=num_steps)
+    new_state, metrics_K, ends = chunk_fn(state.replace(step=step), arrays, inputs, num_active,
+                                          num_steps=num_steps)
     trained = (new_state.params, new_state.batch_stats, new_state.opt_state)
     kept = (state.params, state.batch_stats, state.opt_state)
-    return jax.tree.map(lambda new, old: jnp.where(active, new, old), trained, kept), metrics_K
+    return (jax.tree.map(lambda new, old: jnp.where(active, new, old), trained, kept), metrics_K,
+            ends)
 
-  (params, batch_stats, opt_state), metrics_MxK = jax.vmap(one)(state_M, inputs_M, active_M)
-  new_state_M = steplib.TrainState(step=state_M.step + num_steps, params=params,
+  (params, batch_stats, opt_state), metrics_MxK, ends_M = jax.vmap(one)(state_M, inputs_M,
+                                                                        active_M)
+  new_state_M = steplib.TrainState(step=state_M.step + num_active, params=params,
                                    batch_stats=batch_stats, opt_state=opt_state)
-  return new_state_M, metrics_MxK
+  return new_state_M, metrics_MxK, ends_M
 
 
 def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
@@ -122,9 +140,13 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
   first = configs[0]
   mesh = sharding.make_mesh(first.num_devices)
   splits = train.load_data(first)
+  check_device_data(first, splits)
   built = [train.build(c, splits, mesh) for c in configs]   # every config checked
   plans = [plan for plan, *_ in built]
   _, model, _, optimizer = built[0]
+  # M members hold about M times a solo step's buffers (states and activations).
+  memory.check_fits(lambda b, k: len(configs) * train.step_memory_bytes(first, splits, b, k),
+                    first.batch_size, memory.device_memory_bytes())
   abstract_state, init = train.abstract_train_state(first, model, optimizer, splits, mesh)
   replicated = sharding.replicated(mesh)
   init_fn = jax.jit(init, out_shardings=replicated)
@@ -142,16 +164,20 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
           config, workdir, resolved, ckpts, abstract_state,
           lambda: init_fn(jax.random.PRNGKey(config.seed)))
       book["step_cap"] = plan.total_steps
+      # Its initial parameters (the distance from them is logged), in their own buffers.
+      inputs = train.TrialInputs.of(plan, config.seed,
+                                    init_fn(jax.random.PRNGKey(config.seed)).params)
       members.append(Member(
           config, workdir, plan, train.LoopSpec.of(config, plan, workdir, microbatching.groups),
-          ckpts, step, book, cost=resources.ChunkCost(None, book.setdefault("resources", {}),
-                                                      config.batch_size)))
+          ckpts, step, book, inputs, cost=resources.ChunkCost(
+              None, book.setdefault("resources", {}), config.batch_size)))
       states.append(state)
 
     gather, train_arrays = train.device_train_data(splits, mesh)
+    step_fn = train.step_function(first, plans[0], model, mesh)   # the peak LR is an input
     program = jax.jit(functools.partial(
-        vectorized_chunk, chunk_fn=train.chunk_function(first, plans[0], splits, model, mesh,
-                                                        gather)),
+        vectorized_chunk,
+        chunk_fn=train.chunk_function(first, plans[0], splits, mesh, gather, step_fn)),
         static_argnames="num_steps", donate_argnames="state_M")
     shared = Shared(
         program=program, train_arrays=train_arrays,
@@ -185,13 +211,6 @@ class Shared:
   stack: object          # states -> state_M
   take: object           # (state_M, i) -> member i's state
   mesh: object
-
-
-def _member_inputs(members: list[Member], mesh) -> train.TrialInputs:
-  """Each member's train.TrialInputs (peak LR, keys), stacked on a leading member axis."""
-  inputs = [train.TrialInputs.of(m.plan, m.config.seed) for m in members]
-  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *inputs)
-  return sharding.put_replicated(stacked, mesh)
 
 
 def _share_cost(cost_record: dict, before: dict, members: list[Member]) -> None:
@@ -242,14 +261,17 @@ def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -
   writer.write(step, results)
   newly_reached = bookkeeping.record_eval(book, step, B, results, T)
   if newly_reached:
-    book["target"]["at"] = {"wall_time": writer.elapsed(), **bookkeeping.noise_metrics(book["noise"])}
+    book["target"]["at"] = {"wall_time": writer.elapsed(),
+                            **bookkeeping.noise_metrics(book["noise"])}
   if spec.stop_at_target and book["target"]["reached"]:
     book["status"] = "done"
   finishing = step == spec.total_steps or book["status"] == "done"
   if shared.measure and (finishing or newly_reached or train._crossed(
       step, book["last_curvature_step"], spec.curvature_every_steps)):
     results = _measure_curvature(shared, m, state, step, step_seconds=B / rate,
-                                 density=finishing and spec.curvature_density)
+                                 density=finishing and spec.curvature_density,
+                                 top_only=spec.curvature_top_only and not (
+                                     finishing or newly_reached))
     density = results.pop("curvature/density", None)
     if density and jax.process_index() == 0:
       np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
@@ -272,7 +294,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
   for m in members:
     m.writer = metrics_lib.MetricsWriter(m.workdir, B, spec.total_steps, step, m.book["elapsed"],
                                          tokens_per_example=T)
-  member_inputs = _member_inputs(members, shared.mesh)
+  member_inputs = shared.stack(*[m.inputs for m in members])
   cost_record = {}
   cost = resources.ChunkCost(shared.program, cost_record, B)
   take = lambda i: shared.take(state_M, i)
@@ -288,22 +310,29 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
       segment_end = min(spec.total_steps,
                         (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
       chunks, started, stopping, before = [], time.perf_counter(), False, dict(cost_record)
-      for start in range(step, segment_end, spec.chunk_steps):
+      start = step
+      while start < segment_end:   # train._train_loop's chunks: each ends at a log record too
         if stop.requested(start):
           segment_end, stopping = start, True
           break
-        state_M, metrics_MxK = cost(state_M, member_inputs, active_M, shared.train_arrays,
-                                    num_steps=min(spec.chunk_steps, segment_end - start))
+        end = min(start + spec.chunk_steps, segment_end,
+                  (start // spec.log_every_steps + 1) * spec.log_every_steps)
+        state_M, metrics_MxK, ends_M = cost(state_M, member_inputs, active_M, shared.train_arrays,
+                                            np.int32(end - start), num_steps=spec.chunk_steps)
         if chunks:
           jax.block_until_ready(chunks[-1])
-        chunks.append(metrics_MxK)
+        chunks.append((start, end, metrics_MxK, ends_M))
+        start = end
       if chunks:
-        metrics_MxK = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *jax.device_get(chunks))
+        fetched = jax.device_get([c[2:] for c in chunks])
+        metrics_MxK = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[
+            jax.tree.map(lambda x: x[:, :end - start], m) for (start, end, *_), (m, _) in
+            zip(chunks, fetched)])
         n, seconds = segment_end - step, time.perf_counter() - started
-        cost.segment_done(n, seconds)
+        compile_seconds = cost.segment_done(n, seconds)
         _share_cost(cost_record, {k: before.get(k, 0.0) for k in cost_record},
                     [members[i] for i in active])
-        rate = n * B / max(seconds, 1e-9)   # each member's examples/s
+        rate = n * B / max(seconds - compile_seconds, 1e-9)   # each member's examples/s
         if jax.process_index() == 0:
           print(f"step {segment_end}/{spec.total_steps}  {len(active)} vectorised trials  loss"
                 f" {np.mean(metrics_MxK['train/loss'][active]):.4f}  {rate * len(active):,.0f}"
@@ -311,13 +340,16 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
         for i in active:
           m = members[i]
           metrics_K = {k: v[i] for k, v in metrics_MxK.items()}
+          chunk_ends = {end: {k: float(v[i]) for k, v in e.items()}
+                        for (_, end, *_), (_, e) in zip(chunks, fetched)}
           if m.book["initial_loss"] is None:
             m.book["initial_loss"] = float(metrics_K["train/loss"][0])
           diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step,
                                                   m.book["initial_loss"], spec.loss_multiple)
           count = diverged[0] + 1 if diverged else n
           bookkeeping.log_train(m.writer, m.book, metrics_K, step, count,
-                                diverged=bool(diverged), examples_per_sec=rate, spec=m.spec)
+                                diverged=bool(diverged), examples_per_sec=rate, spec=m.spec,
+                                chunk_ends=chunk_ends)
           m.step = step + count
           if diverged:   # frozen from the next chunk on; the others train on
             m.book.update(status="diverged", diverged_at_step=step + diverged[0],

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_bench_throughput_tiny_prints_its_table(tmp_path):
   out = tmp_path / "throughput.json"
   result = subprocess.run(

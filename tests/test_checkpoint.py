@@ -102,7 +102,8 @@ def assert_same_run(workdir, reference):
 
 def strip_timings(s):
   """A summary without its wall-clock measurements (which no resume reproduces), as JSON text."""
-  s = {k: v for k, v in s.items() if k not in ("wall_time", "compile_seconds", "examples_per_sec")}
+  s = {k: v for k, v in s.items() if k not in ("wall_time", "compile_seconds", "examples_per_sec",
+                                                  "compilations")}
   if "at" in s["target"]:   # the wall time at which the target was reached
     s["target"] = {**s["target"], "at": {k: v for k, v in s["target"]["at"].items()
                                          if k != "wall_time"}}
@@ -163,6 +164,7 @@ def test_sigterm_between_evaluations_saves_exits_143_and_a_rerun_finishes_the_sa
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_sigterm_right_after_a_checkpoint_exits_143_and_a_rerun_finishes_the_same(reference,
                                                                                   tmp_path):
   """The stop finds its step saved already (it used to fail saving it again, status `running`)."""
@@ -197,6 +199,7 @@ def test_truncated_latest_checkpoint_warns_once_and_resumes_from_the_previous(re
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_restores_across_device_counts_8_to_1_to_8(reference, tmp_path):
   """Same global batch and grad_groups: only the reduction order differs, so numbers agree to
   float tolerance, the noise-scale EMAs to what their conditioning implies (tests/agree.py, as in
@@ -238,6 +241,18 @@ def test_a_different_run_is_refused_but_harmless_fields_may_change(reference, tm
   for field, value in (("base_lr", 0.1), ("model", {**saved["model"], "widths": [64]})):
     with pytest.raises(ConfigError, match=field):
       checkpoint.check_same_run(os.path.join(workdir, "config.json"), {**saved, field: value})
+  # The sweep's definition may grow around a finished trial (its own values are its fields).
+  zipped = {**saved, "sweep_zip": {"batch_size": [32, 64], "base_lr": [0.05, 0.1]}}
+  (tmp_path / "zipped.json").write_text(json.dumps(zipped))
+  checkpoint.check_same_run(str(tmp_path / "zipped.json"), {
+      **zipped, "sweep_zip": {"batch_size": [32, 64, 128], "base_lr": [0.05, 0.12, 0.2]}})
+  # A field added to the framework after the trial ran (absent from its config.json) takes the
+  # default that keeps the old behaviour: finished work stays usable; a changed value does not.
+  newer = {**saved, "curvature": {**saved["curvature"], "added_since": "default"}}
+  checkpoint.check_same_run(os.path.join(workdir, "config.json"), newer)
+  with pytest.raises(ConfigError, match="curvature.every_steps"):
+    checkpoint.check_same_run(os.path.join(workdir, "config.json"), {
+        **newer, "curvature": {**newer["curvature"], "every_steps": 12345}})
 
 
 # The Checkpoints class on its own, with a small state (no training).

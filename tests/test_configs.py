@@ -1,5 +1,10 @@
 """Every shipped config (configs/*.py, whoever added it) lists its trials on 1, 2, 4 and 8 devices
-and trains its first steps on 8 fake devices: no config may assume a device count."""
+and trains its first steps on 8 fake devices: no config may assume a device count.
+
+Training the first steps compiles the config's model (a ResNet: most of a minute on 2 cores), so
+the default run trains one config per model family (FAMILY_REPRESENTATIVES, or a family's first
+config in sorted order when it has none listed) and the heavy tier (`pytest -m heavy`, CI's
+second pass) the others."""
 import glob
 import importlib
 import json
@@ -22,6 +27,11 @@ SMALL_DATA = {"mnist": _TINY_IMAGES, "fashion_mnist": _TINY_IMAGES,
               "shakespeare": {"dataset.name": "shakespeare_tiny"}}   # the committed slice
 
 
+# The cheapest shipped config of each model family (tiny data where there is a choice).
+FAMILY_REPRESENTATIVES = {"cnn": "mnist", "mlp": "mnist_sweep_tiny", "resnet": "resnet_mnist",
+                          "transformer": "shakespeare_sweep_tiny"}
+
+
 def get_config(name):
   return importlib.import_module(f"configs.{name}").get_config()
 
@@ -29,6 +39,7 @@ def get_config(name):
 class _Sized:
   def __init__(self, n):
     self.train_labels = np.zeros(n, np.int32)
+    self.num_train = n
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -44,7 +55,22 @@ def test_config_lists_its_trials(name, num_devices, tmp_path, monkeypatch, capsy
   assert len(lines) == 1 + len(sweep.expand(config, str(tmp_path)))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+def _first_steps_params():
+  """Every config; those other than their model family's representative marked heavy."""
+  families = {}
+  for name in CONFIGS:
+    families.setdefault(get_config(name).model.name, []).append(name)
+  params = []
+  for family, names in families.items():
+    representative = FAMILY_REPRESENTATIVES.get(family)
+    if representative not in names:
+      representative = names[0]
+    params += [pytest.param(n, marks=() if n == representative else pytest.mark.heavy)
+               for n in names]
+  return sorted(params, key=lambda p: p.values[0])
+
+
+@pytest.mark.parametrize("name", _first_steps_params())
 def test_config_trains_its_first_steps_on_eight_devices(name, tmp_path):
   """The config's first trial as shipped, on tiny data where it reads MNIST-like images, a
   shallow ResNet, two steps; nothing else changed (grad_groups, batch size, augmentation...)."""

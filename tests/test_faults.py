@@ -178,6 +178,7 @@ def finished_trial(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_measure_checkpoint_beside_a_save_in_progress(finished_trial, tmp_path):
   workdir = str(tmp_path / "trial")
   shutil.copytree(finished_trial, workdir)
@@ -280,6 +281,7 @@ needs_unshare = pytest.mark.skipif(not _unshare_works(),
                                    reason="needs `unshare -m` to mount a small tmpfs")
 
 
+@pytest.mark.heavy   # a CLI trial on a tmpfs, then a CLI rerun
 @needs_unshare
 def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
   """A 600 KiB tmpfs holds the tiny trial's first checkpoints but not all of them."""
@@ -296,6 +298,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(tmp_path):
   assert read_summary(kept)["status"] == "done"
 
 
+@pytest.mark.heavy   # a CLI trial on a tmpfs
 @needs_unshare
 def test_a_full_disk_during_metrics_writes_is_one_line_not_a_hang(tmp_path):
   """20 KiB fill up with metrics and TensorBoard events long before the end (no checkpoints):

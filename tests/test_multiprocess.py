@@ -3,6 +3,8 @@
 Two local processes with 2 fake CPU devices each (gloo collectives) train the same tiny trial as
 one process with 4 fake devices, all three started at once. The metrics must agree, only process 0
 may write files, and the Orbax checkpoints (written by both processes together) must be complete.
+Three processes that each compile the trial and its curvature: heavy tier (`pytest -m heavy`, CI's
+second pass, beside tests/test_slurm.py's 2-task srun trial).
 """
 import json
 import os
@@ -11,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests import agree
 
@@ -81,6 +85,7 @@ def tail(path, n=30):
     return "".join(f.readlines()[-n:])
 
 
+@pytest.mark.heavy
 def test_two_processes_match_one_process(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   port = free_port()

@@ -162,3 +162,7 @@ def test_a_trial_that_stops_at_its_target_counts_to_the_extrapolated_crossing():
       "eta 1m00s (train 50s, evaluation 10s; to the target, extrapolated at step ~125)")
   tracker.evaluations = [(10, 0.1), (20, 0.2), (30, 0.3)]   # rising: no trend, back to the cap
   assert tracker.end_step() == 300
+  # Falling so slowly that the crossing lies past any float (it overflowed math.exp and crashed a
+  # trial of the default study): the cap.
+  tracker.evaluations = [(10, 0.5), (20, 0.5 - 1e-12), (30, 0.5 - 2e-12)]
+  assert tracker.end_step() == 300

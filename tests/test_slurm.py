@@ -8,9 +8,10 @@
 3. SIGTERM to a running array task (scancel --signal=TERM): the trial checkpoints and stops as
    `preempted`, the task requeues itself and the trial resumes and finishes.
 
-About 2 minutes on 2 busy cores, most of it starting Python and compiling in each task. Without
-Slurm (or without root) it skips, except under CI=true, where Slurm is installed (Debian) and a
-cluster that does not start is a failure. Every wait is bounded.
+About 2 minutes on 2 busy cores, most of it starting Python and compiling in each task: heavy
+tier (`python3 -m pytest -m heavy`, CI's second pass), not the default run. Without Slurm (or
+without root) it skips, except under CI=true, where Slurm is installed (Debian) and a cluster that
+does not start is a failure. Every wait is bounded.
 """
 import csv
 import json
@@ -27,6 +28,8 @@ import pytest
 
 from tests import agree
 from tests import test_multiprocess as multiprocess
+
+pytestmark = pytest.mark.heavy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_SCRIPT = os.path.join(REPO, "tests", "slurm_cluster.sh")

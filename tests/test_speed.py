@@ -1,5 +1,6 @@
 """Issue 14: compile once per program shape; a runtime peak LR; per-step overhead; the planner."""
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import optax
 import pytest
 
 from configs import mnist
-from scaling import resources, step as steplib, train
+from scaling import sharding, step as steplib, train
 from tests.tiny import tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
@@ -59,6 +60,7 @@ def persistent_cache(directory):
     compilation_cache.reset_cache()
 
 
+@pytest.mark.heavy   # two trials: outside the default run's time budget
 def test_trials_differing_in_lr_and_seed_share_one_compiled_chunk(tmp_path):
   """Two trials of an LR grid and two seeds: the second compiles nothing of its train chunk (the
   peak LR and the keys are runtime inputs); before, the LR was a constant of the program and the
@@ -72,3 +74,79 @@ def test_trials_differing_in_lr_and_seed_share_one_compiled_chunk(tmp_path):
   assert second["compilations"]["train_chunk"] == 0
   assert second["compilations"]["cache_hits"] >= 1
   assert first["final"]["train/loss"] != second["final"]["train/loss"]   # a different trial
+
+
+def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
+  """Chunks of 4 steps, evaluations every 6 and a budget of 14: chunk lengths 4, 2, 4, 2, 2 and
+  records every 4 steps split them further. Before, each new length compiled anew (3 here); now the
+  chunk takes its step count at run time: one compilation. Records keep their steps, and each
+  carries the parameter norm after its own step: the last one equals the final state's norm."""
+  config = tiny_config(**{"budget.length": 14.0, "eval_every.length": 6.0, "num_devices": 1,
+                          "checkpoint.every_steps": 0, "grad_groups": 1})
+  summary = train.run(config, str(tmp_path))
+  assert summary["compilations"]["train_chunk"] == 1
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_records] == [4, 8, 12, 14]
+  assert [r["step"] for r in records if "valid/error" in r] == [6, 12, 14]
+  assert all("param_norm" in r for r in train_records)
+  from scaling import checkpoint
+  _, model, _, optimizer = train.build(config, train.load_data(config),
+                                       sharding.make_mesh(1))
+  abstract, _ = train.abstract_train_state(config, model, optimizer, train.load_data(config),
+                                           sharding.make_mesh(1))
+  _, state, _ = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), 1).restore_latest(abstract)
+  assert train_records[-1]["param_norm"] == pytest.approx(
+      float(steplib.param_norm(state.params)), rel=1e-6)
+
+
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
+def test_memory_planner_reports_the_compiled_step_analysis():
+  """The planner's bytes are XLA's memory analysis of the step compiled on real arrays (here built
+  independently: a concrete state and batch), and they grow with the batch."""
+  import functools
+  from scaling import memory
+  config = tiny_config(**{"num_devices": 1, "grad_groups": 1})
+  splits = train.load_data(config)
+  mesh = sharding.make_mesh(1)
+  _, model, lr_fn, optimizer = train.build(config, splits, mesh)
+  state = sharding.put_replicated(
+      steplib.init_state(model, optimizer, jax.random.PRNGKey(0), splits.train_images.shape[1:]),
+      mesh)
+  images = splits.train_images[:32].astype(np.float32)
+  batch = sharding.put_batch((images, splits.train_labels[:32]), mesh)
+  step = jax.jit(functools.partial(
+      steplib.train_step, apply_fn=model.apply, optimizer=optimizer, lr_fn=lr_fn,
+      microbatching=train.microbatching(config, 1), mesh=mesh, axis=sharding.DATA),
+      donate_argnums=0)
+  m = step.lower(state, *batch).compile().memory_analysis()
+  expected = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+              + m.temp_size_in_bytes)
+  assert train.step_memory_bytes(config, splits, 32) == expected
+  bytes_of = functools.partial(train.step_memory_bytes, config, splits)
+  assert bytes_of(64, None) > bytes_of(32, None)
+  # A limit between the two: 32 fits, 64 does not (with accumulation: the batch itself is an
+  # argument, so the tiny MLP gains nothing).
+  limit = (bytes_of(32, None) + bytes_of(64, None)) // 2
+  assert memory.largest_power_of_two(bytes_of, 1, 64, limit, accumulation=False) == 32
+  assert memory.largest_power_of_two(bytes_of, 1, 64, limit, accumulation=True) >= 32
+
+
+def test_a_trial_that_cannot_fit_is_refused_before_training(tmp_path):
+  config = tiny_config(**{"num_devices": 1})
+  with pytest.raises(train.ConfigError, match=r"batch_size=32 needs [\d.,]+ MiB per device") as e:
+    train.run(config, str(tmp_path), memory_limit_bytes=1000)
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_largest_power_of_two_skips_batches_the_config_cannot_hold():
+  """Batches too small for the config (grad_groups=2 needs 2 examples) are skipped, not a stop."""
+  from scaling import memory
+
+  def bytes_of(batch, k):
+    if batch < 2:
+      raise train.ConfigError("grad_groups=2 ...")
+    return 100 * batch // (k or 1)
+  assert memory.largest_power_of_two(bytes_of, 1, 1000, 1000, accumulation=False) == 8
+  assert memory.largest_power_of_two(bytes_of, 1, 1000, 1000, accumulation=True) == 512

@@ -63,6 +63,7 @@ def _batch(batch, image_shape=(8, 8, 1), seed=1):
           rng.integers(0, 10, batch).astype(np.int32))
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_accumulation_gives_the_update_of_one_big_batch():
   """No BN: K sequential microbatches, unrolled groups, and their mix all take the step of the
   plain full-batch gradient, to float32 rounding of sums over 64 examples (rtol 1e-5) and of
@@ -155,10 +156,12 @@ def test_augmentation_crops_flips_and_is_a_function_of_key_and_step():
   np.testing.assert_array_equal(sharded, jax.jit(crop)(key, np.asarray(images).repeat(2, 0)))
 
 
+@pytest.mark.heavy
 def test_one_resnet_step_agrees_on_one_and_eight_devices():
   """Ghost BN over 8 examples, 8 groups of 16: the same groups on 1 device (8 sequential
   microbatches: one ResNet to compile, not 8 unrolled) and on 8 (one group each), so only the
-  order of the sums differs: float32 rounding (rtol 1e-5 on a step of SGD)."""
+  order of the sums differs: float32 rounding (rtol 1e-5 on a step of SGD). Heavy tier: two
+  ResNet compilations, most of a minute (tests/test_configs.py trains a ResNet on 8 devices)."""
   model, batch = ResNet(10, depth=8, width=8, ghost_batch_size=8), 128
   images, labels = _batch(batch, (12, 12, 1))
   results = []

@@ -22,7 +22,7 @@ def test_expansion_order_ids_and_directories(tmp_path):
   assert len(trials) == 60
   assert [t.id for t in trials[:3]] == [
       "lr_multiplier=0.5,seed=0,base_lr=0.018,bs=16,budget.length=5101,eval_every.length=80",
-      "lr_multiplier=0.5,seed=0,base_lr=0.042,bs=32,budget.length=2701,eval_every.length=40",
+      "lr_multiplier=0.5,seed=0,base_lr=0.021,bs=32,budget.length=2701,eval_every.length=40",
       "lr_multiplier=0.5,seed=0,base_lr=0.06,bs=64,budget.length=1501,eval_every.length=24"]
   assert trials[5].config.batch_size == 512 and trials[5].overrides == {
       "lr_multiplier": 0.5, "seed": 0, "base_lr": 0.2, "batch_size": 512, "budget.length": 451.0,

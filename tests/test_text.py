@@ -143,6 +143,7 @@ def test_eval_bits_per_character_of_a_uniform_model_is_8():
   assert float(loss) / float(count) / math.log(2) == pytest.approx(8.0, rel=1e-6)
 
 
+@pytest.mark.slow    # manual (-m slow): outside CI's time budget
 def test_one_and_eight_devices_agree_on_transformer_steps():
   splits = train.load_data(text_config())
   cfg = text_config()
@@ -171,6 +172,7 @@ def test_one_and_eight_devices_agree_on_transformer_steps():
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_curvature_measures_the_token_mean_loss():
   config = text_config()
   splits = train.load_data(config)

@@ -152,6 +152,7 @@ def test_one_step_is_bit_identical_on_one_and_eight_devices():
                              np.sum(grads_GxP.mean(0) ** 2), rtol=1e-5)
 
 
+@pytest.mark.heavy   # long: CI runs it in the heavy pass
 def test_one_and_eight_devices_agree(tmp_path):
   """Over 24 steps with BatchNorm per group: the losses and errors agree to 2e-4, the noise-scale
   EMAs to the tolerance their conditioning implies (tests/agree.py): ghost BN over 4 examples and

@@ -7,6 +7,12 @@ must already be prepared in the TFDS data dir, since no machine here can downloa
 'shakespeare' and 'shakespeare_tiny' are text (scaling/data/text.py): the same Splits hold fixed
 non-overlapping byte windows, inputs [M, T] in the *_images fields and next-byte targets [M, T] in
 *_labels, and `train_text` holds the whole train text that training windows are drawn from.
+
+Placement of the training set (`dataset.placement`): 'device' reads it whole into numpy, to be
+replicated on every device; 'host' leaves it in its array_record files (`train_source`, read per
+batch by scaling/data/host.py) and reads only the first `head_size` train examples (the train_eval
+and curvature subsets); 'auto' is 'host' when the train split exceeds `device_fraction` of one
+device's memory. Text and 'digits' are small and have no array_record train examples: 'device'.
 """
 import dataclasses
 import fcntl
@@ -17,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from scaling.config import ConfigError
-from scaling.data import text, tfds_builders
+from scaling.data import host, text, tfds_builders
 
 _BUILDERS = {
     "mnist": tfds_builders.ScalingMnist,
@@ -28,6 +34,7 @@ _BUILDERS = {
 }
 _KNOWN = ("digits", *_BUILDERS)
 _DIGITS_TEST_SIZE = 297  # 1,797 = 1,500 train + 297 test.
+PLACEMENTS = ("auto", "device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,31 +50,47 @@ class Splits:
   name: str
   context_length: int = 0               # text: bytes per input window (T); 0 for images
   train_text: np.ndarray | None = None  # text: uint8 [N], the whole train split; None for images
+  # Placement 'host': the train examples' records; train_* then hold only the first head_size.
+  train_source: host.RecordSource | None = None
+
+  @property
+  def num_train(self) -> int:
+    return self.train_source.num_examples if self.train_source else len(self.train_labels)
 
 
 def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
-         train_size: int | None = None, context_length: int = 0) -> Splits:
+         train_size: int | None = None, context_length: int = 0, placement: str = "device",
+         device_fraction: float = 0.25, head_size: int = 0) -> Splits:
   """Loads `name`, holding out the LAST `validation_size` examples of the official train split.
 
   Shallue et al. hold out 5k of MNIST's 60k. `train_size` keeps only the first `train_size` of the
   remaining train examples (for quick runs). The data dir is `data_dir`, else $TFDS_DATA_DIR, else
   TFDS's default (~/tensorflow_datasets). Text needs `context_length` and takes its validation
   split from the builder (whole works), so `validation_size` and `train_size` must be 0 there.
+  `placement`, `device_fraction` and `head_size`: see the module docstring.
   """
   check_name(name)
+  if placement not in PLACEMENTS:
+    raise ConfigError(f"dataset.placement={placement!r} is invalid: use 'auto' (host when the"
+                      " train set is large), 'device' or 'host'")
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
-  if name in _BUILDERS and issubclass(_BUILDERS[name], text.TextBuilder):
+  is_text = name in _BUILDERS and issubclass(_BUILDERS[name], text.TextBuilder)
+  if placement == "host" and (is_text or name == "digits"):
+    raise ConfigError(f"dataset.placement='host' reads image examples from array_record files,"
+                      f" which {name!r} does not have (it is small): use 'device' or 'auto'")
+  if is_text:
     return _load_text(name, data_dir, validation_size, train_size, context_length)
   if name == "digits":
     (images, labels), (test_images, test_labels) = _digits()
     num_classes, pixel_scale = 10, 1 / 16
+    read_train = lambda index: (images[index], labels[index])
   else:
     builder = _prepared_builder(name, data_dir)
-    images, labels = _read_split(builder, "train")
+    read_train = _reader(builder, "train")
     test_images, test_labels = _read_split(builder, "test")
     num_classes, pixel_scale = builder.info.features["label"].num_classes, 1 / 255
 
-  num_train = len(labels)
+  num_train = len(labels) if name == "digits" else builder.info.splits["train"].num_examples
   if not 0 <= validation_size < num_train:
     raise ValueError(f"dataset.validation_size={validation_size} must be >= 0 and less than the "
                      f"{num_train} train examples of {name!r}")
@@ -76,11 +99,25 @@ def load(name: str, *, data_dir: str | None = None, validation_size: int = 5000,
     raise ValueError(f"dataset.train_size={train_size} must be in [1, {cut}]: {name!r} has {cut} "
                      f"train examples left after holding out {validation_size}")
   keep = cut if train_size is None else train_size
+  if placement == "auto":
+    too_big = name != "digits" and (keep * _example_bytes(builder)
+                                    > device_fraction * host.device_memory_bytes())
+    placement = "host" if too_big else "device"
+  source = None
+  if placement == "host":
+    source = host.RecordSource(read=read_train, num_examples=keep)
+    images, labels = read_train(np.arange(min(head_size, keep)))
+    valid_images, valid_labels = read_train(np.arange(cut, num_train))
+  else:
+    if name != "digits":   # one batched read of the whole split
+      images, labels = read_train(np.arange(num_train))
+    valid_images, valid_labels = images[cut:], labels[cut:]
+    images, labels = images[:keep], labels[:keep]
   return Splits(
-      train_images=images[:keep], train_labels=labels[:keep].astype(np.int32),
-      valid_images=images[cut:], valid_labels=labels[cut:].astype(np.int32),
+      train_images=images, train_labels=labels.astype(np.int32),
+      valid_images=valid_images, valid_labels=valid_labels.astype(np.int32),
       test_images=test_images, test_labels=test_labels.astype(np.int32),
-      num_classes=num_classes, pixel_scale=pixel_scale, name=name)
+      num_classes=num_classes, pixel_scale=pixel_scale, name=name, train_source=source)
 
 
 def _load_text(name, data_dir, validation_size, train_size, context_length) -> Splits:
@@ -171,11 +208,32 @@ def _remove_if_empty(directory: str) -> None:
       pass
 
 
-def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _reader(builder, split: str):
+  """A split's random access: indices [n] -> (images [n, ...], labels int32 [n]), one batched
+  read per call (per-index reads are ~10x slower)."""
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ConfigError(f"dataset.name={builder.name!r} is prepared as"
+                      f" {builder.info.file_format.value} in the data dir, and only array_record"
+                      " files can be read by index: prepare it with file_format='array_record'")
   if isinstance(builder, tfds_builders.IdxBuilder):
-    return builder.read_arrays(split)
+    raw = builder.raw_source(split)
+    return lambda index: tfds_builders.parse_records(raw.__getitems__(index.tolist()))
   source = builder.as_data_source(split)
-  examples = source.__getitems__(range(len(source)))  # One batched read: per-index is ~10x slower.
-  images = np.stack([example["image"] for example in examples])
-  labels = np.array([example["label"] for example in examples], np.int32)
-  return images, labels
+
+  def read(index):
+    examples = source.__getitems__(index.tolist())
+    return (np.stack([example["image"] for example in examples]),
+            np.array([example["label"] for example in examples], np.int32))
+  return read
+
+
+def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  return _reader(builder, split)(np.arange(builder.info.splits[split].num_examples))
+
+
+def _example_bytes(builder) -> float:
+  """Bytes of one train example (image + int32 label); inf when the image shape varies."""
+  image = builder.info.features["image"]
+  if any(d is None for d in image.shape):
+    return float("inf")
+  return float(np.prod(image.shape) * np.dtype(image.np_dtype).itemsize + 4)
