@@ -213,8 +213,13 @@ def test_bad_input_is_one_line_before_training(tmp_path):
   with pytest.raises(ConfigError, match="differ only in seed, base_lr, lr_multiplier"):
     vectorized.run([tiny_config(), tiny_config(batch_size=16)],
                    [str(tmp_path / "c"), str(tmp_path / "d")])
+  # The host data path (one order per trial read on the host) is not vectorised.
+  with pytest.raises(ConfigError, match=r"^vectorize_trials=3 needs the training set on the"
+                     r" devices, but dataset.placement='host' .*: set dataset.placement='device'"):
+    sweep.main(_sweep_config(**{"dataset.placement": "host"}), str(tmp_path / "e"))
   assert not os.path.exists(tmp_path / "a" / "trials")
   assert not os.path.exists(tmp_path / "c")
+  assert not os.path.exists(tmp_path / "e" / "trials")
 
 
 def test_a_frozen_member_keeps_its_state_while_the_others_train():
