@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scaling import checkpoint, sharding, sweep, train, vectorized
+from scaling import checkpoint, resources, sharding, sweep, train, vectorized
 from scaling import step as steplib
 from scaling.config import ConfigError
 from tests.tiny import tiny_config
@@ -50,9 +50,12 @@ def runs(tmp_path_factory):
   """The vectorised sweep, and member A alone (the others alone in the heavy tests)."""
   root = tmp_path_factory.mktemp("vectorized")
   config = _sweep_config()
+  before = resources.compile_counts()
   vectorized_summaries = sweep.main(config, str(root / "sweep"))
+  compiled = resources.compile_counts() - before
   trials = sweep.expand(config, str(root / "sweep"))
-  return root, trials, vectorized_summaries, {trials[0].id: _solo(root, trials[0])}
+  return (root, trials, vectorized_summaries, {trials[0].id: _solo(root, trials[0])},
+          compiled)
 
 
 def _solo(root, t):
@@ -99,8 +102,12 @@ def _assert_equal_runs(member_dir, solo_dir, solo_summary, where):
 
 
 def test_members_stop_or_diverge_alone_and_the_others_equal_solo_runs(runs):
-  root, trials, summaries, solo = runs
+  root, trials, summaries, solo, compiled = runs
   assert [s["status"] for s in summaries] == ["done", "done", "diverged"]
+  # One program trained all three (their LRs and keys are its inputs), however long each chunk:
+  # compiled, or loaded from the session's persistent cache; no solo chunk.
+  assert compiled["vectorized_chunk", "compiled"] + compiled["vectorized_chunk", "cache_hit"] == 1
+  assert compiled["train_chunk", "compiled"] + compiled["train_chunk", "cache_hit"] == 0
   for t, summary in zip(trials, summaries):
     assert sweep.read_summary(t.directory) == json.loads(json.dumps(summary))
     assert summary["noise"]   # per member: grad_groups=2
@@ -121,7 +128,7 @@ def test_members_stop_or_diverge_alone_and_the_others_equal_solo_runs(runs):
 
 @pytest.mark.heavy
 def test_stopped_and_diverged_members_equal_their_solo_runs(runs):
-  root, trials, _, _ = runs
+  root, trials, *_ = runs
   for t in trials[1:]:
     _assert_equal_runs(t.directory, str(root / "solo" / t.id), _solo(root, t), t.id)
 
@@ -140,7 +147,7 @@ def _restore(directory, config):
 
 @pytest.mark.heavy
 def test_member_checkpoints_equal_solo_ones_and_a_solo_run_resumes_them(runs):
-  root, trials, summaries, solo = runs
+  root, trials, summaries, solo, _ = runs
   t = trials[0]
   member_steps, (step, member_state, member_book) = _restore(t.directory, t.config)
   solo_steps, (_, solo_state, solo_book) = _restore(str(root / "solo" / t.id), t.config)
@@ -164,7 +171,7 @@ def test_a_group_resumed_mid_way_ends_as_the_uninterrupted_one(runs, tmp_path, c
   """A and B lose their checkpoints after step 8 and their summaries (as if the group were
   stopped at step 12): rerun vectorised, both resume from step 8 in one group and end exactly as
   the uninterrupted group did: every record, the summaries, the last checkpoints."""
-  root, trials, summaries, _ = runs
+  root, trials, summaries, *_ = runs
   members = trials[:2]
   dirs = [str(tmp_path / t.id) for t in members]
   for t, d in zip(members, dirs):
@@ -185,7 +192,7 @@ def test_a_group_resumed_mid_way_ends_as_the_uninterrupted_one(runs, tmp_path, c
 
 
 def test_a_rerun_skips_the_finished_members(runs, capsys):
-  root, trials, summaries, _ = runs
+  root, trials, summaries, *_ = runs
   again = sweep.main(_sweep_config(), str(root / "sweep"))
   assert [s["status"] for s in again] == ["done", "done", "diverged"]
   assert capsys.readouterr().out.count(": already ") == 3   # "[i] id: already done, skipped"
