@@ -7,14 +7,16 @@
 For each sweep and batch size it takes the trials of one vectorised group (the LR grid x seeds at
 that batch size: 4 in configs/mnist_sweep_tiny.py, 6 in configs/mnist_sweep.py), cuts their budget
 to `--steps` steps (stop at target off, so every trial runs the same steps; curvature off; one
-checkpoint at the end; evaluations every `--steps / 2` steps) and trains them twice in one process:
+checkpoint at the end; evaluations every `--steps / 3` steps:
+two steady-state segments after the compiling one) and trains them twice in one process:
   S: sequentially, `scaling.train.run` per trial (they share one compiled chunk: the peak LR and
      the keys are runtime inputs), and
   V: `scaling.vectorized.run` on all of them (one vmapped chunk program).
 Both use a fresh persistent compilation cache, as scaling.main does. Whole-trial rates count everything a sweep pays (state init, compilation, evaluations, checkpoints,
-files): trials/hour = trials / wall seconds x 3600. The steady-state rate is the sum over trials of
-each trial's summary `examples_per_sec` (compiling segments left out): for V the members share the
-same wall time, so it is M x a member's rate. CPU seconds (user + system of this process) are
+files): trials/hour = trials / wall seconds x 3600. The steady-state rate (compiling segments left
+out) is the group's examples per second of training: for S, whose trials ran one after another,
+n / sum(1 / each trial's summary `examples_per_sec`); for V, whose members ran at once, the sum of
+the members' rates (each member's summary rate is its share of the group's). CPU seconds (user + system of this process) are
 printed beside the wall times: on a shared machine wall time misleads, ratios within one run less.
 """
 import argparse
@@ -51,11 +53,11 @@ def group_trials(config, batch_size: int, steps: int, workdir: str) -> list:
   for t in group:
     c = t.config
     c.budget.length, c.budget.unit = float(steps), "steps"
-    c.eval_every.length, c.eval_every.unit = float(max(1, steps // 2)), "steps"
+    c.eval_every.length, c.eval_every.unit = float(max(1, steps // 3)), "steps"
     c.target.stop_at_target = False
     c.curvature.enabled = False
     c.checkpoint.every_steps = 0
-    c.chunk_steps = min(c.chunk_steps, max(1, steps // 2))
+    c.chunk_steps = min(c.chunk_steps, max(1, steps // 3))
     c.warmup.length, c.warmup.unit = 0.0, "steps"
   return group
 
@@ -77,12 +79,18 @@ def measure(name: str, batch_size: int, steps: int, root: str) -> dict:
   vec, vec_wall, vec_cpu = timed(lambda: vectorized.run(
       [t.config for t in group], [os.path.join(vec_dir, t.id) for t in group],
       [t.id for t in group], [t.overrides for t in group]))
-  rate = lambda summaries: sum(s["examples_per_sec"] or 0.0 for s in summaries)
+  # Steady-state examples/s of the whole group. S's trials ran one after another, each at its own
+  # rate over the same number of examples: together n / sum(1 / rate). V's members ran at once,
+  # each summary rate being a member's share: together their sum.
+  rates = lambda summaries: [s["examples_per_sec"] for s in summaries if s["examples_per_sec"]]
+  seq_rates, vec_rates = rates(seq), rates(vec)
   n = len(group)
   row = {"sweep": name, "batch_size": batch_size, "trials": n, "steps": steps,
          "S_trials_per_hour": n / seq_wall * 3600, "V_trials_per_hour": n / vec_wall * 3600,
          "S_wall_s": seq_wall, "V_wall_s": vec_wall, "S_cpu_s": seq_cpu, "V_cpu_s": vec_cpu,
-         "S_train_examples_per_sec": rate(seq), "V_train_examples_per_sec": rate(vec),
+         "S_train_examples_per_sec": (len(seq_rates) / sum(1 / r for r in seq_rates)
+                                      if seq_rates else 0.0),
+         "V_train_examples_per_sec": sum(vec_rates),
          "statuses": sorted({s["status"] for s in seq + vec})}
   row["V/S trials"] = row["V_trials_per_hour"] / row["S_trials_per_hour"]
   row["V/S train"] = (row["V_train_examples_per_sec"] / row["S_train_examples_per_sec"]
@@ -95,7 +103,7 @@ def main():
   parser.add_argument("--sweeps", default="tiny,default")
   parser.add_argument("--batch_sizes", default="16,128,1024,8192",
                       help="the default sweep's batch sizes to run (the tiny sweep: 16, 64)")
-  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--tiny", action="store_true", help="tiny sweep, batch 16, 6 steps")
   parser.add_argument("--out", default="", help="write the rows as JSON here")
   args = parser.parse_args()
