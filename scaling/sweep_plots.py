@@ -252,6 +252,7 @@ def curvature_vs_batch(path, trials, best_rows, fits):
       ("curvature/sharpness", "ε-sharpness (Keskar et al., %)", True)],
       "Curvature at the end of training vs batch size")
 
+
 def tuned_lr(path, trials, best_rows, fits):
   """Shallue et al. Fig. 8: every trial's LR vs batch size (reached / not / diverged, i.e.
   infeasible), the best LR per batch size, and linear and sqrt lines through the smallest."""
