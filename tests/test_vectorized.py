@@ -1,9 +1,11 @@
 """Vectorised trials (scaling/vectorized.py): one vmapped program, results of solo runs.
 
 One sweep of three members runs vectorised (module fixture), then its members alone with
-train.run (A in the default run, B and C and a solo resume in the heavy tier): member A (seed 0, lr x1) trains to the end of the budget, B (seed 1, lr x2) reaches its
-target at step 16 and stops there (stop_at_target), C (seed 0, lr x1000) diverges in its first
-steps. A must finish exactly as alone although B and C stop beside it.
+train.run (A in the default run, B and C and a solo resume in the heavy tier): member A (seed 0,
+lr x1) trains to the end of the budget, B (seed 1, lr x2) reaches its target at step 16 and stops
+there (stop_at_target), C (seed 0, lr x1000) diverges in its first steps. A must finish exactly
+as alone although B and C stop beside it. A and B, cut back to their step-8 checkpoints, resume
+together as one group and end exactly where the uninterrupted group ended (default run).
 
 Tolerance. Per member the vmapped program runs the same float32 operations as a solo run
 (vmap adds a leading member axis to every op; the LR is the same float32 input times the same
@@ -28,7 +30,7 @@ import pytest
 from scaling import checkpoint, resources, sharding, sweep, train, vectorized
 from scaling import step as steplib
 from scaling.config import ConfigError
-from tests.tiny import tiny_config
+from tests.tiny import read_records, tiny_config
 
 RTOL, ATOL = (0.0, 0.0) if jax.default_backend() == "cpu" else (1e-4, 1e-7)
 # Differ between any two runs of the same trial: timings.
@@ -62,11 +64,6 @@ def _solo(root, t):
   return train.run(t.config, str(root / "solo" / t.id), trial_id=t.id, sweep_axes=t.overrides)
 
 
-def _records(path):
-  with open(os.path.join(path, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _assert_close(actual, expected, where):
   """Nested dicts/lists of numbers equal to the tolerance above; strings and None exactly."""
   if isinstance(expected, dict):
@@ -94,7 +91,7 @@ def _assert_equal_runs(member_dir, solo_dir, solo_summary, where):
   on_disk = sweep.read_summary(member_dir)
   for field in RESULT_FIELDS:
     _assert_close(on_disk[field], solo_summary[field], f"{where} summary.{field}")
-  _assert_close(_records(member_dir), _records(solo_dir), f"{where} metrics.jsonl")
+  _assert_close(read_records(member_dir), read_records(solo_dir), f"{where} metrics.jsonl")
   # config.json as a solo run writes it: a solo rerun or resume accepts the directory.
   with open(os.path.join(member_dir, "config.json")) as f, \
        open(os.path.join(solo_dir, "config.json")) as g:
@@ -115,7 +112,7 @@ def test_members_stop_or_diverge_alone_and_the_others_equal_solo_runs(runs):
   assert (a["step"], a["stop_reason"], a["target"]["step"]) == (24, "target", 24)
   # B reached its target at step 16 and stopped there, with its last checkpoint.
   assert (b["step"], b["stop_reason"], b["target"]["step"]) == (16, "target", 16)
-  assert max(r["step"] for r in _records(trials[1].directory)) == 16
+  assert max(r["step"] for r in read_records(trials[1].directory)) == 16
   assert sorted(os.listdir(os.path.join(trials[1].directory, "checkpoints"))) == ["16", "8"]
   # C diverged in its first chunk, is recorded so, and saved nothing.
   assert c["stop_reason"] == "diverged" and c["step"] == c["diverged_at_step"] + 1 < 8
@@ -164,7 +161,8 @@ def test_member_checkpoints_equal_solo_ones_and_a_solo_run_resumes_them(runs):
   summary = train.run(t.config, resumed, trial_id=t.id, sweep_axes=t.overrides)
   for field in RESULT_FIELDS:
     _assert_close(summary[field], solo[t.id][field], f"resumed summary.{field}")
-  _assert_close(_records(resumed), _records(str(root / "solo" / t.id)), "resumed metrics.jsonl")
+  _assert_close(read_records(resumed), read_records(str(root / "solo" / t.id)),
+                "resumed metrics.jsonl")
 
 
 def test_a_group_resumed_mid_way_ends_as_the_uninterrupted_one(runs, tmp_path, capsys):
@@ -186,7 +184,7 @@ def test_a_group_resumed_mid_way_ends_as_the_uninterrupted_one(runs, tmp_path, c
   for t, d, summary in zip(members, dirs, resumed):
     for field in RESULT_FIELDS:
       _assert_close(summary[field], summaries[t.index][field], f"resumed {t.id} summary.{field}")
-    _assert_close(_records(d), _records(t.directory), f"resumed {t.id} metrics.jsonl")
+    _assert_close(read_records(d), read_records(t.directory), f"resumed {t.id} metrics.jsonl")
     assert sorted(os.listdir(os.path.join(d, "checkpoints"))) == sorted(
         os.listdir(os.path.join(t.directory, "checkpoints")))
 
@@ -272,7 +270,7 @@ def test_curvature_per_member_equals_solo(tmp_path):
     assert summaries[i]["curvature"]["curvature/hessian_trace_probes"] >= 20
     _assert_close(summaries[i]["curvature"], solo["curvature"], f"member {i} curvature")
     curvature_records = lambda d: [{k: v for k, v in r.items() if k.startswith("curvature/")}
-                                   for r in _records(d) if "curvature/top_eigenvalue" in r]
+                                   for r in read_records(d) if "curvature/top_eigenvalue" in r]
     assert len(curvature_records(str(tmp_path / f"v{i}"))) == 2
     _assert_close(curvature_records(str(tmp_path / f"v{i}")),
                   curvature_records(str(tmp_path / f"s{i}")), f"member {i} records")
