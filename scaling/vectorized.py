@@ -102,10 +102,12 @@ class Member:
     return self.book["status"] == "running" and self.summary is None
 
 
-def vectorized_chunk(state_M, inputs_M, active_M, arrays, num_active, *, num_steps, chunk_fn):
+def vectorized_chunk(state_M, order_MxN, inputs_M, active_M, arrays, num_active, *, num_steps,
+                     chunk_fn):
   """`chunk_fn` (train.chunk_function) of every member at once, `num_active` steps each; members
   whose active_M is False keep their parameters and optimizer state (frozen: finished or
-  diverged). Returns (state_M, metrics_MxK, chunk_end_metrics_M).
+  diverged). `order_MxN`: each member's epoch order (train.CarriedOrder holds it between chunks).
+  Returns (state_M, order_MxN, metrics_MxK, chunk_end_metrics_M).
 
   The members train in lockstep, so they share one unbatched step counter: with a batched one,
   vmap turns the epoch's `lax.cond` (a new permutation of the training set at each epoch start)
@@ -113,19 +115,19 @@ def vectorized_chunk(state_M, inputs_M, active_M, arrays, num_active, *, num_ste
   full MNIST). Frozen members' counters advance too; their state is final on disk already."""
   step = state_M.step[0]
 
-  def one(state, inputs, active):
-    new_state, metrics_K, ends = chunk_fn(state.replace(step=step), arrays, inputs, num_active,
-                                          num_steps=num_steps)
+  def one(state, order_N, inputs, active):
+    new_state, order_N, metrics_K, ends = chunk_fn(state.replace(step=step), order_N, arrays,
+                                                   inputs, num_active, num_steps=num_steps)
     trained = (new_state.params, new_state.batch_stats, new_state.opt_state)
     kept = (state.params, state.batch_stats, state.opt_state)
-    return (jax.tree.map(lambda new, old: jnp.where(active, new, old), trained, kept), metrics_K,
-            ends)
+    return (jax.tree.map(lambda new, old: jnp.where(active, new, old), trained, kept), order_N,
+            metrics_K, ends)
 
-  (params, batch_stats, opt_state), metrics_MxK, ends_M = jax.vmap(one)(state_M, inputs_M,
-                                                                        active_M)
+  (params, batch_stats, opt_state), order_MxN, metrics_MxK, ends_M = jax.vmap(one)(
+      state_M, order_MxN, inputs_M, active_M)
   new_state_M = steplib.TrainState(step=state_M.step + num_active, params=params,
                                    batch_stats=batch_stats, opt_state=opt_state)
-  return new_state_M, metrics_MxK, ends_M
+  return new_state_M, order_MxN, metrics_MxK, ends_M
 
 
 def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
@@ -178,9 +180,10 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
     program = jax.jit(functools.partial(
         vectorized_chunk,
         chunk_fn=train.chunk_function(first, plans[0], splits, mesh, gather, step_fn)),
-        static_argnames="num_steps", donate_argnames="state_M")
+        static_argnames="num_steps", donate_argnames=("state_M", "order_MxN"))
     shared = Shared(
         program=program, train_arrays=train_arrays,
+        initial_order=_initial_order(plans[0].steps_per_epoch, len(splits.train_labels), mesh),
         evaluate=train.make_evaluate(first, splits, model, mesh),
         measure=(measure_lib.Measure(first.curvature, model, splits, mesh, first.seed)
                  if first.curvature.enabled else None),
@@ -205,12 +208,21 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
 class Shared:
   """What every member of a group uses: the compiled programs and the data on the devices."""
   program: object        # jitted vectorized_chunk
+  initial_order: object  # (state_M, inputs_M, ...) -> order_MxN of the members' current epoch
   train_arrays: tuple
   evaluate: object       # train.make_evaluate's evaluate(state)
   measure: object        # a measure.Measure (its key and warm start swapped per member) or None
   stack: object          # states -> state_M
   take: object           # (state_M, i) -> member i's state
   mesh: object
+
+
+def _initial_order(steps_per_epoch, num_examples, mesh):
+  """train.initial_order for every member: their keys, the group's one step counter."""
+  order_M = jax.jit(jax.vmap(lambda key, step: train.epoch_order(key, step // steps_per_epoch,
+                                                                 num_examples),
+                             in_axes=(0, None)), out_shardings=sharding.replicated(mesh))
+  return lambda state_M, inputs_M, *_: order_M(inputs_M.data_key, state_M.step[0])
 
 
 def _share_cost(cost_record: dict, before: dict, members: list[Member]) -> None:
@@ -296,7 +308,8 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
                                          tokens_per_example=T)
   member_inputs = shared.stack(*[m.inputs for m in members])
   cost_record = {}
-  cost = resources.ChunkCost(shared.program, cost_record, B)
+  cost = resources.ChunkCost(train.CarriedOrder(shared.program, shared.initial_order),
+                             cost_record, B)
   take = lambda i: shared.take(state_M, i)
   with train._StopRequest() as stop:
     if step == 0 and spec.eval_at_start:

@@ -231,20 +231,22 @@ def test_a_frozen_member_keeps_its_state_while_the_others_train():
   """vectorized_chunk masks the update of inactive members (a stand-in chunk adds its input per
   active step), advances every member by the group's num_active, and hands every member one
   unbatched step counter (see its docstring)."""
-  def chunk_fn(state, arrays, inputs, num_active, *, num_steps):
+  def chunk_fn(state, order_N, arrays, inputs, num_active, *, num_steps):
     # As train_chunk's new epoch order: a cond on the step (true here: step 4 is even).
     delta = jax.lax.cond(state.step % 2 == 0, lambda: num_active * inputs, lambda: 0 * inputs)
     new = state.replace(params=jax.tree.map(lambda x: x + delta, state.params),
                         step=state.step + num_active)
     ends = {"param_norm": jax.numpy.sum(new.params["w"])}
-    return new, {"train/loss": jax.numpy.full((num_steps,), inputs)}, ends
+    return new, order_N + 1, {"train/loss": jax.numpy.full((num_steps,), inputs)}, ends
   w = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], np.float32)
   state_M = steplib.TrainState(step=np.array([4, 4, 4], np.int32), params={"w": w},
                                batch_stats={}, opt_state={"mu": w})
   inputs_M = np.array([0.5, np.nan, 1.0], np.float32)   # member 1 would turn NaN
-  new_M, metrics_MxK, ends_M = vectorized.vectorized_chunk(
-      state_M, inputs_M, np.array([True, False, True]), None, np.int32(2), num_steps=3,
-      chunk_fn=chunk_fn)
+  order_MxN = np.arange(6, dtype=np.int32).reshape(3, 2)
+  new_M, order_MxN, metrics_MxK, ends_M = vectorized.vectorized_chunk(
+      state_M, order_MxN, inputs_M, np.array([True, False, True]), None, np.int32(2),
+      num_steps=3, chunk_fn=chunk_fn)
+  np.testing.assert_array_equal(order_MxN, np.arange(1, 7).reshape(3, 2))   # each its own
   np.testing.assert_array_equal(new_M.params["w"], [[2, 2], [2, 2], [5, 5]])
   np.testing.assert_array_equal(new_M.opt_state["mu"], w)
   np.testing.assert_array_equal(new_M.step, [6, 6, 6])
@@ -252,7 +254,7 @@ def test_a_frozen_member_keeps_its_state_while_the_others_train():
   np.testing.assert_array_equal(ends_M["param_norm"], [4, np.nan, 10])
   # With a batched step vmap would turn the cond into a select that runs both branches.
   jaxpr = jax.make_jaxpr(functools.partial(vectorized.vectorized_chunk, num_steps=3,
-                                           chunk_fn=chunk_fn))(state_M, inputs_M,
+                                           chunk_fn=chunk_fn))(state_M, order_MxN, inputs_M,
                                                                np.array([True] * 3), None,
                                                                np.int32(2))
   assert "cond[" in str(jaxpr)
