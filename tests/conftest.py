@@ -22,5 +22,7 @@ else:
 
 
 def pytest_sessionfinish(session, exitstatus):
+  # pytest-xdist's workers inherit the controller's cache directory (through the environment),
+  # so they share it and only the controller, which made it, removes it after them.
   if _SESSION_CACHE:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
