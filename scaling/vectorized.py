@@ -331,7 +331,8 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
         end = min(start + spec.chunk_steps, segment_end,
                   (start // spec.log_every_steps + 1) * spec.log_every_steps)
         state_M, metrics_MxK, ends_M = cost(state_M, member_inputs, active_M, shared.train_arrays,
-                                            np.int32(end - start), num_steps=spec.chunk_steps)
+                                            np.int32(end - start),
+                                            num_steps=spec.chunk_length(end - start))
         if chunks:
           jax.block_until_ready(chunks[-1])
         chunks.append((start, end, metrics_MxK, ends_M))

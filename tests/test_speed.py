@@ -151,23 +151,21 @@ def test_largest_power_of_two_skips_batches_the_config_cannot_hold():
   assert memory.largest_power_of_two(bytes_of, 1, 1000, 1000, accumulation=True) == 512
 
 
-def _sorts(jaxpr, inside_cond=False):
-  """(sorts outside any cond, sorts inside a cond's branches) in a closed jaxpr, recursively."""
+def _count(jaxpr, primitive, inside_cond=False):
+  """(eqns of `primitive` outside any cond, inside a cond's branches) in a jaxpr, recursively."""
   outside = inside = 0
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "sort":
+    if eqn.primitive.name == primitive:
       inside, outside = (inside + 1, outside) if inside_cond else (inside, outside + 1)
     for sub in jax.core.jaxprs_in_params(eqn.params):
-      o, i = _sorts(sub, inside_cond or eqn.primitive.name == "cond")
+      o, i = _count(sub, primitive, inside_cond or eqn.primitive.name == "cond")
       outside, inside = outside + o, inside + i
   return outside, inside
 
 
-def test_the_epoch_order_is_shuffled_only_when_an_epoch_starts():
-  """The chunk takes the epoch's order and returns it (train.CarriedOrder holds it between
-  chunks): the shuffle of all N indices (a sort) happens only in the epoch-start cond, not at
-  every chunk's start, where on full MNIST it cost as much as ~8 steps at B = 16."""
-  config = tiny_config()
+def _chunk_jaxpr(num_steps, **fields):
+  """The jaxpr of the tiny trial's train_chunk, as train.run builds it."""
+  config = tiny_config(**fields)
   mesh = sharding.make_mesh(1)
   splits = train.load_data(config)
   plan, model, _, optimizer = train.build(config, splits, mesh)
@@ -178,6 +176,26 @@ def test_the_epoch_order_is_shuffled_only_when_an_epoch_starts():
                                train.step_function(config, plan, model, mesh))
   inputs = train.TrialInputs.of(plan, 0, state.params)
   order_N = jnp.arange(len(splits.train_labels), dtype=jnp.int32)
-  jaxpr = jax.make_jaxpr(lambda *a: chunk(*a, num_steps=4))(state, order_N, arrays, inputs,
-                                                             np.int32(4))
-  assert _sorts(jaxpr.jaxpr) == (0, 1)
+  return jax.make_jaxpr(lambda *a: chunk(*a, num_steps=num_steps))(
+      state, order_N, arrays, inputs, np.int32(num_steps)).jaxpr
+
+
+def test_the_epoch_order_is_shuffled_only_when_an_epoch_starts():
+  """The chunk takes the epoch's order and returns it (train.CarriedOrder holds it between
+  chunks): the shuffle of all N indices (a sort) happens only in the epoch-start cond, not at
+  every chunk's start, where on full MNIST it cost as much as ~8 steps at B = 16."""
+  assert _count(_chunk_jaxpr(4), "sort") == (0, 1)
+
+
+def test_unrolled_steps_are_not_inside_a_cond():
+  """XLA:CPU runs a convolution step inside a lax.cond ~12x slower (as inside a loop), so the
+  unrolled chunk runs each of its steps unconditionally (the loop compiles its length) and only
+  the epoch's new order sits in a cond: every matmul of the 3 steps is outside one."""
+  outside, inside = _count(_chunk_jaxpr(3, chunk_unroll=True), "dot_general")
+  assert inside == 0 and outside > 0 and outside % 3 == 0
+  config = tiny_config(chunk_unroll=True, chunk_steps=4)
+  spec = train.LoopSpec.of(config, train.schedule.make_plan(config, 1000), "", 1)
+  assert [spec.chunk_length(n) for n in (1, 3, 4)] == [1, 3, 4]
+  rolled = tiny_config(chunk_steps=4)
+  spec = train.LoopSpec.of(rolled, train.schedule.make_plan(rolled, 1000), "", 1)
+  assert [spec.chunk_length(n) for n in (1, 3, 4)] == [4, 4, 4]   # one program for every length
