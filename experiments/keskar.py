@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import mnist
 from experiments import common
-from scaling import measure, measure_checkpoint, metrics
+from scaling import measure, measure_checkpoint, metrics, sweep
 
 SMALL_BATCH = 256
 TRAIN_TARGET = 0.005          # train_eval/error below 0.5%: "trained to near 100% accuracy"
@@ -89,18 +89,27 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   return c
 
 
-def lbfgsb_sharpness(trial_dir: str, max_iter: int) -> dict:
-  """{eps: sharpness} of the trial's final checkpoint, cached in keskar_sharpness.json."""
+def lbfgsb_sharpness(trial_dir: str, trial_config, max_iter: int) -> dict:
+  """{eps: sharpness} of the trial's final checkpoint, cached in keskar_sharpness.json.
+  trial_config: the sweep's config of the trial (today's schema; its config.json may predate a
+  field the loader needs)."""
   path = os.path.join(trial_dir, "keskar_sharpness.json")
   if os.path.exists(path):
     with open(path) as f:
       return {float(k): v for k, v in json.load(f).items()}
-  config, model, splits, mesh, step, state = measure_checkpoint.restore(trial_dir)
+  config, model, splits, mesh, step, state = measure_checkpoint.restore(
+      trial_dir, config=trial_config)
   measurer = measure.Measure(config.curvature, model, splits, mesh, config.seed)
   out = {eps: float(measurer.sharpness_lbfgsb(state, eps, max_iter).sharpness)
          for eps in SHARPNESS_EPS}
   metrics.write_json(path, {str(k): v for k, v in out.items()})
   return out
+
+
+def init_distance(final: dict) -> float:
+  """The distance from the initialization at the end; trials trained before the framework named it
+  `param_distance_from_init` logged it as `init_distance` (same quantity), and resume into them."""
+  return final.get("param_distance_from_init", final.get("init_distance"))
 
 
 def compare(claim: str, small: list[float], large: list[float], *, larger: str, ratio: float,
@@ -126,7 +135,10 @@ def compare(claim: str, small: list[float], large: list[float], *, larger: str, 
 
 def run(args) -> list[common.Verdict]:
   s = SCALES[args.scale]
-  trials = common.run_sweep(get_config(args.scale), args.workdir)
+  config = get_config(args.scale)
+  trials = common.run_sweep(config, args.workdir)
+  trial_configs = {os.path.normpath(t.directory): t.config
+                   for t in sweep.expand(config, args.workdir)}
   by_batch = {}
   for t in sorted(trials, key=lambda t: (t.batch_size, t.seed)):
     if t.status != "done":
@@ -136,9 +148,10 @@ def run(args) -> list[common.Verdict]:
            "train_acc": 100 * (1 - t.final["train_eval/error"]),
            "trace": t.final["curvature/hessian_trace"],
            "top_eig": t.final["curvature/top_eigenvalue"],
-           "init_distance": t.final["param_distance_from_init"],
+           "init_distance": init_distance(t.final),
            "epochs": t.last_step * t.batch_size / num_train(s),
-           **lbfgsb_sharpness(t.path, s["lbfgsb_iter"])}
+           **lbfgsb_sharpness(t.path, trial_configs[os.path.normpath(t.path)],
+                              s["lbfgsb_iter"])}
     by_batch.setdefault(t.batch_size, []).append(row)
   if len(by_batch) != 2:
     return [common.decide("LB generalizes worse and is sharper", None,
