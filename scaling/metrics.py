@@ -1,5 +1,6 @@
 """Metrics sinks: metrics.jsonl (the source of truth), TensorBoard events beside it, the console;
-and `write_json`, the atomic JSON writer of every small file a trial keeps (config, summary).
+`atomic_write`, beneath every rewritten file (sweep.csv, a truncated metrics.jsonl), and over it
+`write_json`, the JSON writer of every small file a trial keeps (config, summary).
 
 Only process 0 writes; every record carries `step`, `examples` and `wall_time`. A full disk is
 reported as `DiskFull`: one line naming the file, raised when it happens, with nothing half-written
@@ -56,20 +57,29 @@ def reporting_disk_full(what: str, path: str):
                    f" {path} and rerun (the trial resumes from its last checkpoint)") from None
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, what: str, newline: str | None = None):
+  """Yields a temporary file beside `path`, renamed onto it when the block ends without error: a
+  reader never sees half a file. On any error the previous file is kept and the temporary one
+  removed; a full disk becomes DiskFull naming `what`."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with reporting_disk_full(what, path):
+      with open(tmp, "w", newline=newline) as f:
+        yield f
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_json(path: str, obj) -> None:
   """Atomic: a reader (the report, a resuming run) never sees half a file; on a full disk the
   previous file is kept and the temporary one removed."""
   if jax.process_index() != 0:
     return
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with reporting_disk_full(os.path.basename(path), path):
-      with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-      os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_write(path, os.path.basename(path)) as f:
+    json.dump(obj, f, indent=2)
 
 
 def _quiet_disk_full(previous_hook):
@@ -171,12 +181,5 @@ def truncate_after(path: str, step: int) -> None:
           kept.append(line if line.endswith("\n") else line + "\n")
       except (ValueError, KeyError):  # a line cut by a kill mid-write
         pass
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with reporting_disk_full("metrics.jsonl", path):
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_write(path, "metrics.jsonl") as f:
+    f.writelines(kept)

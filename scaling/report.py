@@ -3,8 +3,8 @@
     python -m scaling.report --workdir=runs/mnist_sweep
 
 Works on partial or still-running sweeps. Reading trials is scaling/results.py, the study protocol
-(best tuned point per batch size, critical-batch fit and interval) scaling/study.py, plotting
-scaling/report_plots.py.
+(best tuned point per batch size, critical-batch fit and interval) scaling/study.py, figures
+against batch size scaling/sweep_plots.py, a trial's curves over training scaling/trial_plots.py.
 """
 import collections
 import csv
@@ -256,7 +256,7 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
 
 def write_report(workdir):
   """Writes <workdir>/report/ (PNGs, CSVs, index.html) and returns its path."""
-  from scaling import report_plots  # matplotlib only when a report is written
+  from scaling import sweep_plots, trial_plots  # matplotlib only when a report is written
   out = os.path.join(workdir, results.REPORT_DIR)
   os.makedirs(out, exist_ok=True)
   trials = results.load_trials(workdir)
@@ -272,7 +272,7 @@ def write_report(workdir):
   for name, rows in (("trials", trows), ("best_per_batch", best_rows), ("critical_batch_fit", fits)):
     write_csv(os.path.join(out, f"{name}.csv"), rows)
   images = []
-  plots = report_plots.SINGLE_TRIAL_PLOTS if len(trials) == 1 else report_plots.PLOTS
+  plots = trial_plots.SINGLE_TRIAL_PLOTS if len(trials) == 1 else sweep_plots.PLOTS
   for name, title, fn in plots:
     path = os.path.join(out, name)
     try:

@@ -244,18 +244,11 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, "sweep.csv")
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with metrics.reporting_disk_full("sweep.csv", path):
-      with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS)
-        writer.writeheader()
-        for trial, plan in zip(trials, plans):
-          writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
-      os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with metrics.atomic_write(path, "sweep.csv", newline="") as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    for trial, plan in zip(trials, plans):
+      writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
 
 
 def plan_memory(config, limit_bytes: int | None = None) -> list[str]:

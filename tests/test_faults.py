@@ -19,7 +19,7 @@ import pytest
 from scaling import checkpoint, metrics, sweep, train
 from scaling.config import ConfigError
 from tests.test_checkpoint import abstract_state, cli_flags, small_state
-from tests.tiny import tiny_config
+from tests.tiny import read_records, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -63,8 +63,7 @@ def test_an_exploding_but_finite_loss_ends_diverged_with_where_and_why(tmp_path)
   assert 0 < step < 24
   assert "divergence.loss_multiple=100 x the initial loss" in summary["diverged_reason"]
   assert f"at step {step}" in summary["diverged_reason"]
-  with open(tmp_path / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = read_records(tmp_path)
   assert records[-1]["step"] == step + 1          # logged up to the step that exploded, no further
   initial = float(re.search(r"initial loss (\S+)$", summary["diverged_reason"]).group(1))
   assert np.log(10) / 2 < initial < 2 * np.log(10)   # the threshold's unit: ~ln(classes)

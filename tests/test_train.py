@@ -15,14 +15,9 @@ import pytest
 from scaling import sharding, train, step as steplib
 from scaling.config import ConfigError
 from tests import agree
-from tests.tiny import tiny_config
+from tests.tiny import read_records, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def tensorboard_tags(workdir):

@@ -1,4 +1,8 @@
-"""A tiny real trial config for tests: 412 real MNIST train images (the committed slice), an MLP."""
+"""A tiny real trial config for tests: 412 real MNIST train images (the committed slice), an MLP;
+and `read_records`, what a trial logged."""
+import json
+import os
+
 from configs import mnist
 
 
@@ -29,3 +33,10 @@ def override(config, **dotted):
       node = node[name]
     node[leaf] = value
   return config
+
+
+def read_records(workdir):
+  """metrics.jsonl -> list of dicts. Strict, unlike scaling.results.read_metrics: a torn line
+  fails the test instead of being skipped."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

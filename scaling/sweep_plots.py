@@ -1,63 +1,15 @@
-"""PNG figures for scaling/report.py. Object-oriented matplotlib on the Agg canvas: no pyplot, so
-writing a report never changes a notebook's backend. Each plot function takes
-(path, trials, best_rows, fits), writes `path` and returns None, or returns why it was skipped.
+"""PNG figures of a sweep against batch size (steps and examples to target, the critical-batch fit,
+tuned LR, noise scale, cost, final errors and curvature) and PLOTS, the sweep report's list. Shares
+the figure helpers of scaling/trial_plots.py; same conventions (Agg canvas, no pyplot; each plot
+function takes (path, trials, best_rows, fits), writes `path`, returns None or why it was skipped).
 """
 import numpy as np
-from matplotlib import cm, colors, ticker
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from matplotlib import cm
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from scaling import findings
-
-BATCH_LABEL = "batch size B (examples per step)"
-SGD_FAMILY = ("sgd", "momentum", "nesterov", "heavy_ball")
-
-
-def _figure(w, h):
-  fig = Figure(figsize=(w, h), layout="constrained")
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig, path):
-  fig.savefig(path, dpi=110)
-
-
-def _thin(x, y, n=400):
-  """At most ~n points, evenly spaced on a log axis: Agg draws 10k-point noisy lines slowly."""
-  if len(x) <= n:
-    return x, y
-  idx = np.unique(np.geomspace(1, len(x), n).astype(int) - 1)
-  return x[idx], y[idx]
-
-
-class _PlainLogFormatter(ticker.LogFormatter):
-  """'300', '0.02', '1e+05' rather than mathtext 3x10^2: shorter labels that do not collide."""
-
-  def _num_to_string(self, x, vmin, vmax):
-    return f"{x:g}"
-
-
-def _log(ax, x=True, y=True):
-  """Log scales where the axis holds positive data (else matplotlib raises); a note if empty.
-  Over few decades, 2x and 5x ticks are labelled too; over many, only the decades."""
-  lim = ax.dataLim
-  for axis, set_scale, on, lo, hi in ((ax.xaxis, ax.set_xscale, x, lim.minposx, lim.x1),
-                                      (ax.yaxis, ax.set_yscale, y, lim.minposy, lim.y1)):
-    if not (on and np.isfinite(lo)):
-      continue
-    set_scale("log")
-    axis.set_major_formatter(_PlainLogFormatter())
-    if hi / lo < 10**2.5:
-      axis.set_minor_locator(ticker.LogLocator(subs=(2.0, 3.0, 5.0) if hi / lo < 10 else (2.0, 5.0)))
-      axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False,
-                                                  minor_thresholds=(np.inf, np.inf)))
-    else:
-      axis.set_minor_formatter(ticker.NullFormatter())
-  if not ax.lines:
-    ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.5")
+from scaling.trial_plots import (BATCH_LABEL, batch_colorbar, colour_by_batch, edge_of_stability,
+                                 log_scales, new_figure, save_figure, thin, training_curves)
 
 
 def _group_colours(groups):
@@ -90,7 +42,7 @@ def _to_target(path, trials, best_rows, fits, quantity):
   colours = _group_colours(r["group"] for r in best_rows)
   top = 2.0 * max(r[key] for r in reached)
   bottom = 0.7 * min(r[key] for r in reached)
-  fig = _figure(8, 5.5)
+  fig = new_figure(8, 5.5)
   ax = fig.add_subplot()
   for i, (group, c) in enumerate(colours.items()):
     rows = [r for r in best_rows if r["group"] == group]
@@ -113,7 +65,7 @@ def _to_target(path, trials, best_rows, fits, quantity):
       ax.plot(b, [top * 1.12**i] * len(b), marker, ls="none", mfc="none", mew=1.5, ms=9, color=c)
   ax.axhline(top / 1.12, color="0.6", lw=0.8)
   ax.set_xlim(min(r["batch_size"] for r in best_rows) / 1.6, max(r["batch_size"] for r in best_rows) * 1.6)
-  _log(ax, x=False)
+  log_scales(ax, x=False)
   ax.set_ylim(bottom, top * 1.12 ** (len(colours) + 1))
   _batch_axis(ax, [r["batch_size"] for r in best_rows])
   what = "optimizer steps" if quantity == "steps" else "training examples"
@@ -128,7 +80,7 @@ def _to_target(path, trials, best_rows, fits, quantity):
               Line2D([], [], marker="s", ls="none", mfc="none", color="k",
                      label="not yet reached, still running")]
   ax.legend(handles=handles, fontsize=8, loc="best")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def _fit_band(ax, fits, group, c, b, quantity):
@@ -179,7 +131,7 @@ def critical_batch_fit(path, trials, best_rows, fits):
     return "no group has a critical-batch fit (" + "; ".join(
         f"{f['group']}: {f['note']}" for f in fits) + ")"
   colours = _group_colours(r["group"] for r in best_rows)
-  fig = _figure(13, 5)
+  fig = new_figure(13, 5)
   axes = fig.subplots(1, 2)
   for f in fits:
     c = colours[f["group"]]
@@ -202,27 +154,13 @@ def critical_batch_fit(path, trials, best_rows, fits):
     for ax in axes:
       ax.axvline(f["b_crit"], color=c, ls=":", lw=1)
   for ax, what in zip(axes, ("optimizer steps S", "training examples E = S·B")):
-    _log(ax, x=False)
+    log_scales(ax, x=False)
     _batch_axis(ax, [r["batch_size"] for r in best_rows])
     ax.set_ylabel(f"{what} to target")
     ax.legend(fontsize=8)
   axes[0].set_title("Fit S = S_min (1 + B_crit / B)  (dotted: B_crit)")
   axes[1].set_title("Same fit as E = E_min (1 + B / B_crit)")
-  _save(fig, path)
-
-
-def _colour_by_batch(trials):
-  bs = [t.batch_size for t in trials if t.batch_size > 0] or [1]
-  norm = colors.LogNorm(vmin=min(bs), vmax=max(max(bs), min(bs) * 2))
-  return cm.ScalarMappable(norm=norm, cmap="viridis")
-
-
-def _batch_colorbar(fig, sm, axes, trials):
-  cb = fig.colorbar(sm, ax=axes, label=BATCH_LABEL, shrink=0.9)
-  bs = sorted({t.batch_size for t in trials})
-  cb.set_ticks(bs[:: max(1, len(bs) // 10)])
-  cb.set_ticklabels([str(b) for b in bs[:: max(1, len(bs) // 10)]])
-  cb.minorticks_off()
+  save_figure(fig, path)
 
 
 def noise_scale(path, trials, best_rows, fits):
@@ -232,16 +170,16 @@ def noise_scale(path, trials, best_rows, fits):
   if not data:
     return "no noise/b_simple in any metrics.jsonl"
   colours = _group_colours(t.group for t in trials)
-  sm = _colour_by_batch(trials)
-  fig = _figure(14, 5.5)
+  sm = colour_by_batch(trials)
+  fig = new_figure(14, 5.5)
   ax0, ax1 = fig.subplots(1, 2)
   for t, (_, ex, v) in data:
-    ax0.plot(*_thin(ex, v), color=sm.to_rgba(t.batch_size), lw=1, alpha=0.8)
-  _log(ax0)
+    ax0.plot(*thin(ex, v), color=sm.to_rgba(t.batch_size), lw=1, alpha=0.8)
+  log_scales(ax0)
   ax0.set(xlabel="training examples seen",
           ylabel="B_simple = tr Σ / |G|² (examples)", title="Gradient noise scale over training")
   ax0.grid(True, alpha=0.3)
-  _batch_colorbar(fig, sm, ax0, trials)
+  batch_colorbar(fig, sm, ax0, trials)
   for t, (_, _, v) in data:
     v = v[np.isfinite(v)]
     c = colours[t.group]
@@ -252,7 +190,7 @@ def noise_scale(path, trials, best_rows, fits):
       ax1.axhline(f["b_crit"], color=colours[f["group"]], ls="--", lw=1)
   bs = [t.batch_size for t in trials]
   ax1.plot([min(bs), max(bs)], [min(bs), max(bs)], ":", color="0.5")
-  _log(ax1, x=False)
+  log_scales(ax1, x=False)
   _batch_axis(ax1, bs)
   ax1.set_ylabel("B_simple (examples)")
   ax1.set_title("B_simple per trial vs fitted B_crit")
@@ -262,7 +200,7 @@ def noise_scale(path, trials, best_rows, fits):
               Line2D([], [], ls="--", color="k", label="fitted B_crit (per group)"),
               Line2D([], [], ls=":", color="0.5", label="B_simple = B")]
   ax1.legend(handles=handles, fontsize=8)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def _final_vs_batch(path, trials, panels, title):
@@ -273,7 +211,7 @@ def _final_vs_batch(path, trials, panels, title):
   if not panels:
     return "no trial (that did not diverge) has these metrics"
   colours = _group_colours(t.group for t in trials)
-  fig = _figure(5.2 * len(panels), 4.8)
+  fig = new_figure(5.2 * len(panels), 4.8)
   axes = np.atleast_1d(fig.subplots(1, len(panels)))
   for ax, (key, label, log) in zip(axes, panels):
     for group, c in colours.items():
@@ -285,14 +223,14 @@ def _final_vs_batch(path, trials, panels, title):
       bs = np.unique(pts[:, 0])
       ax.plot(bs, [pts[pts[:, 0] == b, 1].mean() for b in bs], "-", color=c, label=group)
     if log and all((_final(t, key) or 1) > 0 for t in ok):
-      _log(ax, x=False)
+      log_scales(ax, x=False)
     _batch_axis(ax, [t.batch_size for t in trials])
     ax.set_ylabel(label)
     ax.legend(fontsize=8)
   n_div = len(trials) - len(ok)
   fig.suptitle(title + (f" ({n_div} diverged trials not shown)" if n_div else "")
                + "; dots: trials, lines: mean per batch size")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def _final(t, key):
@@ -315,106 +253,6 @@ def curvature_vs_batch(path, trials, best_rows, fits):
       "Curvature at the end of training vs batch size")
 
 
-def _stability_threshold(t, lr):
-  """2/lr for plain SGD (Cohen et al. 2021); (2+2β)/lr with heavy-ball momentum β and
-  (2+2β)/((1+2β) lr) with Nesterov momentum."""
-  factor = findings.stability_factor(t.optimizer, t.config.get("optimizer", {}).get("momentum"))
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return np.where(lr > 0, factor / lr, np.nan), factor
-
-
-def edge_of_stability(path, trials, best_rows, fits):
-  """Top eigenvalue over training with the stability threshold, one panel per SGD-family group."""
-  data = [t for t in trials if np.isfinite(t.series("curvature/top_eigenvalue")[2]).any()]
-  if not data:
-    return "no curvature/top_eigenvalue in any metrics.jsonl"
-  data = [t for t in data if any(s in t.optimizer.lower() for s in SGD_FAMILY)]
-  if not data:
-    return "top eigenvalues only for non-SGD optimizers (no 2/lr threshold applies)"
-  groups = sorted({t.group for t in data})
-  sm = _colour_by_batch(trials)
-  fig = _figure(6 * len(groups) + 1, 5)
-  axes = np.atleast_1d(fig.subplots(1, len(groups)))
-  for ax, group in zip(axes, groups):
-    factors = set()
-    for t in (t for t in data if t.group == group):
-      c = sm.to_rgba(t.batch_size)
-      st, _, lam = t.series("curvature/top_eigenvalue")
-      ax.plot(*_thin(st, lam), "o-", color=c, ms=3, lw=1.2)
-      lst, _, lr = t.series("lr")
-      if not len(lr):
-        lst, lr = np.array([max(st.min(), 1), max(st.max(), 1)]), np.full(2, t.lr)
-      thr, factor = _stability_threshold(t, lr)
-      factors.add(f"{factor:g}")
-      ax.plot(*_thin(lst, thr), "--", color=c, lw=1)
-    _log(ax)
-    ax.set(xlabel="optimizer step", ylabel="λ_max of the loss Hessian",
-           title=f"{group}: λ_max (solid) vs {'/'.join(sorted(factors))}/lr (dashed)")
-    ax.grid(True, alpha=0.3)
-  _batch_colorbar(fig, sm, axes, trials)
-  fig.suptitle("Edge of stability: top Hessian eigenvalue against the SGD stability threshold")
-  _save(fig, path)
-
-
-def training_curves(path, trials, best_rows, fits):
-  """Train loss and validation error vs steps and vs examples; a row per group."""
-  cols = [("train/loss", "step", "train loss"), ("train/loss", "examples", "train loss"),
-          ("valid/error", "step", "validation error"), ("valid/error", "examples", "validation error")]
-  if not any(len(t.series(k)[2]) for t in trials for k in ("train/loss", "valid/error")):
-    return "no train/loss or valid/error records yet"
-  groups = sorted({t.group for t in trials if t.records})
-  sm = _colour_by_batch(trials)
-  fig = _figure(18, 3.6 * len(groups) + 0.6)
-  axes = np.array(fig.subplots(len(groups), 4, squeeze=False))
-  targets = {t.target_value for t in trials if t.target_metric == "valid/error"}
-  for row, group in zip(axes, groups):
-    for ax, (key, xkey, ylabel) in zip(row, cols):
-      for t in (t for t in trials if t.group == group):
-        st, ex, v = t.series(key)
-        x = st if xkey == "step" else ex
-        c = sm.to_rgba(t.batch_size)
-        ax.plot(*_thin(x, v), color=c, lw=1, alpha=0.85)
-        if t.status == "diverged":
-          fin = np.isfinite(v)
-          xd = x[fin][-1] if fin.any() else (x[-1] if len(x) else None)
-          yd = v[fin][-1] if fin.any() else np.nan
-          if xd is not None and np.isfinite(yd):
-            ax.plot(xd, yd, "x", color="red", ms=9, mew=2)
-      if key == "valid/error":
-        for tv in targets:
-          ax.axhline(tv, color="k", ls=":", lw=1)
-      _log(ax)
-      ax.set(ylabel=ylabel,
-             xlabel="optimizer steps" if xkey == "step" else "training examples seen",
-             title=f"{group}: {ylabel} vs {'steps' if xkey == 'step' else 'examples'}")
-      ax.grid(True, alpha=0.3)
-  _batch_colorbar(fig, sm, axes, trials)
-  fig.suptitle("Training curves (colour: batch size; red x: diverged, last finite value; "
-               "dotted: target)")
-  _save(fig, path)
-
-
-def curvature_curves(path, trials, best_rows, fits):
-  """Hessian trace, top eigenvalue and sharpness against the step, one line per trial."""
-  panels = [("curvature/hessian_trace", "Hessian trace"), ("curvature/top_eigenvalue", "λ_max"),
-            ("curvature/sharpness", "ε-sharpness (%)")]
-  panels = [p for p in panels if any(np.isfinite(t.series(p[0])[2]).any() for t in trials)]
-  if not panels:
-    return "no curvature in any metrics.jsonl (curvature.enabled is off)"
-  sm = _colour_by_batch(trials)
-  fig = _figure(5.2 * len(panels) + 1, 4.4)
-  axes = np.atleast_1d(fig.subplots(1, len(panels)))
-  for ax, (key, label) in zip(axes, panels):
-    for t in trials:
-      st, _, v = t.series(key)
-      ax.plot(st, v, "o-", color=sm.to_rgba(t.batch_size), ms=3, lw=1.2)
-    _log(ax, x=False)
-    ax.set(xlabel="optimizer step", ylabel=label, title=f"{label} over training")
-    ax.grid(True, alpha=0.3)
-  _batch_colorbar(fig, sm, axes, trials)
-  _save(fig, path)
-
-
 def tuned_lr(path, trials, best_rows, fits):
   """Shallue et al. Fig. 8: every trial's LR vs batch size (reached / not / diverged, i.e.
   infeasible), the best LR per batch size, and linear and sqrt lines through the smallest."""
@@ -422,7 +260,7 @@ def tuned_lr(path, trials, best_rows, fits):
   if not pts:
     return "no trial has a learning rate"
   colours = _group_colours(r["group"] for r in best_rows)
-  fig = _figure(8, 5.5)
+  fig = new_figure(8, 5.5)
   ax = fig.add_subplot()
   kinds = (("reached target", "o", dict(color="0.55"), lambda t: t.reached),
            ("did not reach (cap)", "o", dict(color="0.55", mfc="none"),
@@ -447,12 +285,12 @@ def tuned_lr(path, trials, best_rows, fits):
     ax.plot(grid, lr[0] * grid / b[0], "--", color="0.3", lw=1, label="linear from smallest B")
     ax.plot(grid, lr[0] * np.sqrt(grid / b[0]), ":", color="0.3", lw=1.2,
             label="sqrt from smallest B")
-  _log(ax, x=False)
+  log_scales(ax, x=False)
   _batch_axis(ax, [t.batch_size for t in pts])
   ax.set_ylabel("peak learning rate")
   ax.set_title("Tuned learning rate vs batch size (grid moves with B)")
   ax.legend(fontsize=8)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def equal_loss(path, trials, best_rows, fits):
@@ -464,7 +302,7 @@ def equal_loss(path, trials, best_rows, fits):
   if not fitted and not at:
     return "no critical-batch fit and no B_simple at the target"
   colours = _group_colours(r["group"] for r in best_rows)
-  fig = _figure(14, 5.5)
+  fig = new_figure(14, 5.5)
   ax0, ax1 = fig.subplots(1, 2)
   for t, v in at:
     ax0.plot(t.batch_size, v, "o", color=colours[t.group], alpha=0.35, ms=5)
@@ -505,7 +343,7 @@ def equal_loss(path, trials, best_rows, fits):
           title="McCandlish et al. eq. 2.11 with the measured points (labels: B)")
   ax1.grid(True, alpha=0.3)
   ax1.legend(fontsize=8)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def resources(path, trials, best_rows, fits):
@@ -519,7 +357,7 @@ def resources(path, trials, best_rows, fits):
   if not panels:
     return "no throughput, memory or timing in any summary.json"
   colours = _group_colours(t.group for t in trials)
-  fig = _figure(5 * len(panels), 4.6)
+  fig = new_figure(5 * len(panels), 4.6)
   axes = np.atleast_1d(fig.subplots(1, len(panels)))
   sources = {t.cost.get("memory_source") for t in trials} - {None}
   for ax, (key, label, where) in zip(axes, panels):
@@ -532,7 +370,7 @@ def resources(path, trials, best_rows, fits):
       ax.plot(pts[:, 0], pts[:, 1], ".", color=c, alpha=0.5)
       bs = np.unique(pts[:, 0])
       ax.plot(bs, [np.median(pts[pts[:, 0] == b, 1]) for b in bs], "-", color=c, label=group)
-    _log(ax, x=False)
+    log_scales(ax, x=False)
     _batch_axis(ax, [t.batch_size for t in trials])
     ax.set_ylabel(label)
     ax.legend(fontsize=8)
@@ -541,7 +379,7 @@ def resources(path, trials, best_rows, fits):
     if key == "wall_time":
       ax.set_title("trials that reached the target (incl. eval, compile)", fontsize=9)
   fig.suptitle("Cost per batch size (dots: trials, line: median)")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 # (file name, title, function): the order of the images in index.html.
@@ -559,10 +397,4 @@ PLOTS = [
      curvature_vs_batch),
     ("edge_of_stability.png", "Top eigenvalue over training vs 2/lr", edge_of_stability),
     ("training_curves.png", "Training curves", training_curves),
-]
-# A single trial: its curves and curvature, no fit.
-SINGLE_TRIAL_PLOTS = [
-    ("training_curves.png", "Training curves", training_curves),
-    ("curvature_curves.png", "Curvature over training", curvature_curves),
-    ("edge_of_stability.png", "Top eigenvalue over training vs 2/lr", edge_of_stability),
 ]
