@@ -36,18 +36,18 @@ PAPER = {"test_acc": (98.03, 97.81), 1e-3: (1.23, 205.14), 5e-4: (0.61, 42.90)}
 # Per scale: data, widths, small batch, seeds, epoch caps (SB, LB), evaluations every (SB, LB)
 # steps, steps per dispatch (SB, LB), curvature subset, Lanczos steps, L-BFGS-B iterations.
 SCALES = {
-    "smoke": dict(dataset="mnist_tiny", validation_size=100, widths=(32, 32), small_batch=16,
-                  seeds=(0,), epochs=(2.0, 4.0), eval_every=(8, 5), chunk=(8, 5), subset=128,
-                  lanczos=4, lbfgsb_iter=2, max_probes=4),
+    "smoke": dict(dataset="mnist_tiny", validation_size=100, widths=(16,), small_batch=16,
+                  seeds=(0,), epochs=(1.0, 2.0), eval_every=(8, 5), chunk=(8, 5), subset=64,
+                  lanczos=3, lbfgsb_iter=1, max_probes=2, devices=1),
     # Width 128 instead of 512 (a 5.5x cheaper step) so that 3 seeds x 2 batch sizes fit.
     "here": dict(dataset="mnist", validation_size=5000, widths=(128,) * 5,
                  small_batch=SMALL_BATCH, seeds=(0, 1, 2), epochs=(10.0, 40.0),
                  eval_every=(200, 10), chunk=(8, 10), subset=4096, lanczos=20, lbfgsb_iter=10,
-                 max_probes=50),
+                 max_probes=50, devices=0),
     "paper": dict(dataset="mnist", validation_size=5000, widths=(512,) * 5,
                   small_batch=SMALL_BATCH, seeds=(0, 1, 2, 3, 4), epochs=(100.0, 100.0),
                   eval_every=(200, 10), chunk=(8, 10), subset=10000, lanczos=30, lbfgsb_iter=10,
-                  max_probes=100),
+                  max_probes=100, devices=0),
 }
 
 
@@ -72,6 +72,7 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   c.train_eval_size = min(5000, num_train(s))
   c.eval_every.unit = "steps"
   c.grad_groups = 1                  # BN statistics over the whole batch, as on one GPU
+  c.num_devices = s["devices"]       # 0 = all; smoke: 1 (compiling for 8 test devices costs more)
   c.chunk_steps, c.chunk_unroll = 1, False
   c.checkpoint.every_steps = 1_000_000   # the final weights only
   c.curvature.update(enabled=True, every_steps=0, subset_size=s["subset"], density=False,
