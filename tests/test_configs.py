@@ -4,7 +4,8 @@ and trains its first steps on 8 fake devices: no config may assume a device coun
 Training the first steps compiles the config's model (a ResNet: most of a minute on 2 cores), so
 the default run trains one config per model family (FAMILY_REPRESENTATIVES, or a family's first
 config in sorted order when it has none listed) and the heavy tier (`pytest -m heavy`, CI's
-second pass) the others."""
+second pass) the others, and every config of the families in HEAVY_FAMILIES (the ResNet's
+compile alone is ~25 s; its 1-vs-8-device step test is heavy too)."""
 import glob
 import importlib
 import json
@@ -30,6 +31,7 @@ SMALL_DATA = {"mnist": _TINY_IMAGES, "fashion_mnist": _TINY_IMAGES,
 # The cheapest shipped config of each model family (tiny data where there is a choice).
 FAMILY_REPRESENTATIVES = {"cnn": "mnist", "mlp": "mnist_sweep_tiny", "resnet": "resnet_mnist",
                           "transformer": "shakespeare_sweep_tiny"}
+HEAVY_FAMILIES = {"resnet"}
 
 
 def get_config(name):
@@ -65,8 +67,8 @@ def _first_steps_params():
     representative = FAMILY_REPRESENTATIVES.get(family)
     if representative not in names:
       representative = names[0]
-    params += [pytest.param(n, marks=() if n == representative else pytest.mark.heavy)
-               for n in names]
+    default = (representative,) if family not in HEAVY_FAMILIES else ()
+    params += [pytest.param(n, marks=() if n in default else pytest.mark.heavy) for n in names]
   return sorted(params, key=lambda p: p.values[0])
 
 

@@ -123,6 +123,7 @@ def open_in_chromium(html_path, out_dir):
   return json.loads(found.group(1).replace("&quot;", '"')), dom, shot
 
 
+@pytest.mark.heavy   # a headless browser start and render: ~20 s; CI's second pass
 @pytest.mark.skipif(CHROMIUM is None and not IN_CI,
                     reason="no chromium (apt-get install chromium); required under CI=true")
 def test_page_renders_in_headless_chromium_without_missing_images(tmp_path):
