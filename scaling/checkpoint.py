@@ -182,7 +182,9 @@ RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "
                      "derived.num_devices",
                      "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster",
                      # both placements of the training set read the same order
-                     "dataset.placement", "dataset.device_fraction", "derived.data_placement")
+                     "dataset.placement", "dataset.device_fraction", "derived.data_placement",
+                     # a group trains vmapped or alone to the same numbers
+                     "vectorize_trials")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

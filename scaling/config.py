@@ -95,6 +95,8 @@ _RULES = (
     ("curvature.sharpness_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.density_starts", lambda x: _int(x) and x >= 1, "an integer >= 1"),
     ("curvature.density_steps", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+    ("vectorize_trials", lambda x: _int(x) and x >= 0,
+     "an integer >= 0: the most trials one vmapped program trains (0 or 1 = off)"),
     ("checkpoint.every_steps", lambda x: _int(x) and x >= 0,
      "an integer >= 0 (0 = only at the end)"),
     ("checkpoint.keep", lambda x: _int(x) and x >= 1, "an integer >= 1 (checkpoints kept on disk)"),

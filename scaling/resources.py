@@ -52,7 +52,8 @@ def count_summary(before: collections.Counter, after: collections.Counter) -> di
   """What happened between two compile_counts(): XLA compilations of the train chunk and of all
   functions, and executables loaded from the persistent cache instead."""
   delta = after - before
-  return {"train_chunk": delta["train_chunk", "compiled"],
+  # A vectorised group's chunk (scaling/vectorized.py) is its members' train chunk.
+  return {"train_chunk": delta["train_chunk", "compiled"] + delta["vectorized_chunk", "compiled"],
           "all": sum(n for (_, kind), n in delta.items() if kind == "compiled"),
           "cache_hits": sum(n for (_, kind), n in delta.items() if kind == "cache_hit")}
 

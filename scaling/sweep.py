@@ -33,7 +33,7 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, memory, metrics, progress, schedule, sharding, train
+from scaling import checkpoint, memory, metrics, progress, schedule, sharding, train, vectorized
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -251,6 +251,15 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
       writer.writerow(csv_row(trial, plan, read_summary(trial.directory)))
 
 
+def _run_trials(ready: list[Trial]) -> list[dict]:
+  """One trial alone (train.run), or several in one vmapped program (vectorized.run)."""
+  if len(ready) == 1:
+    t = ready[0]
+    return [train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides)]
+  return vectorized.run([t.config for t in ready], [t.directory for t in ready],
+                        [t.id for t in ready], [t.overrides for t in ready])
+
+
 def plan_memory(config, limit_bytes: int | None = None) -> list[str]:
   """--plan_memory: the memory planner's lines for the sweep's batch sizes (compiles, never runs)."""
   trials = expand(config, "")
@@ -267,8 +276,9 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
   """Expands, validates, then runs the selected trials in order; returns their summaries."""
   trials = expand(config, workdir)
   mesh = sharding.make_mesh(config.num_devices)
-  num_train = train.load_data(config).num_train
-  plans = validate(trials, num_train, mesh.size)
+  splits = train.load_data(config)
+  plans = validate(trials, splits.num_train, mesh.size)
+  vectorized.check_sweep(config, splits)
   if list_only:
     print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")
     for t, p in zip(trials, plans):
@@ -291,35 +301,53 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
   tracker = progress.SweepProgress([t.config.batch_size for t in chosen], {
       i for i, t in enumerate(chosen)
       if (read_summary(t.directory) or {}).get("status") in FINISHED})
-  for position, t in enumerate(chosen):
-    # Under jax.distributed the processes train a trial together: process 0 decides and locks.
-    summary = read_summary(t.directory)
-    if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
-      print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
-      summaries.append(summary)
-      tracker.skip(position)
-      continue
-    lock = TrialLock(t.directory) if jax.process_index() == 0 else None
-    if not sharding.process0_decides(lock is None or lock.acquire()):
-      print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
-      tracker.skip(position)
+  position_of = {t.index: position for position, t in enumerate(chosen)}
+  batches = ([[t] for t in chosen] if config.vectorize_trials <= 1 else
+             vectorized.groups(chosen, config.vectorize_trials))
+  for batch in batches:
+    ready, locks = [], []
+    for t in batch:
+      # Under jax.distributed the processes train a trial together: process 0 decides and locks.
+      summary = read_summary(t.directory)
+      if sharding.process0_decides(bool(summary) and summary.get("status") in FINISHED):
+        print(f"[{t.index}] {t.id}: already {(summary or {}).get('status')}, skipped", flush=True)
+        summaries.append(summary)
+        tracker.skip(position_of[t.index])
+        continue
+      lock = TrialLock(t.directory) if jax.process_index() == 0 else None
+      if not sharding.process0_decides(lock is None or lock.acquire()):
+        print(f"[{t.index}] {t.id}: running in another process, skipped", flush=True)
+        tracker.skip(position_of[t.index])
+        continue
+      ready.append(t)
+      locks.append(lock)
+    if not ready:
       continue
     try:
-      tracker.start(position, f"[{t.index}] {t.id}")   # '...: training' and the sweep's state
-      summaries.append(train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides))
-      tracker.end(summaries[-1].get("status", "done"))
+      # '...: training' and the sweep's state; a vectorised group counts as its first member.
+      tracker.start(position_of[ready[0].index],
+                    f"[{','.join(str(t.index) for t in ready)}] {' '.join(t.id for t in ready)}"
+                    + (f" ({len(ready)} vectorised)" if len(ready) > 1 else ""))
+      ran = _run_trials(ready)
+      summaries += ran
+      for summary in ran:
+        tracker.end(summary.get("status", "done"))
     except (ConfigError, metrics.DiskFull):   # bad input, or a disk every later trial shares
       raise
-    except Exception as error:   # this trial's own failure: record it, go on to the next
-      summaries.append(record_failure(t, error))
-      tracker.end("failed")
+    except Exception as error:   # these trials' own failure: record it, go on to the next
+      for t in ready:   # a vectorised member that finished before the error keeps its result
+        summary = read_summary(t.directory)
+        finished = summary and summary.get("status") in FINISHED
+        summaries.append(summary if finished else record_failure(t, error))
+        tracker.end(summaries[-1].get("status", "failed"))
     except BaseException:        # preempted (SystemExit) or interrupted: sweep.csv says so
       write_csv(workdir, trials, plans)
       raise
     finally:
       tracker.leave()
-      if lock:
-        lock.release()
+      for lock in locks:
+        if lock:
+          lock.release()
     write_csv(workdir, trials, plans)
   tracker.finish()
   write_csv(workdir, trials, plans)

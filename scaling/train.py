@@ -213,6 +213,101 @@ def step_memory_bytes(config, splits, batch_size: int, accumulation_steps: int |
              + m.temp_size_in_bytes)
 
 
+def trial_record(config, plan, mesh, splits, abstract_state, trial_id: str,
+                 sweep_axes: dict | None) -> dict:
+  """What config.json holds: the resolved config, its derived numbers, the trial's name."""
+  num_params = models.parameter_count(abstract_state.params)
+  resolved = resolved_config(config, plan, mesh.size, num_params)
+  if splits.context_length:
+    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
+  resolved["derived"]["data_placement"] = "host" if splits.train_source else "device"
+  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
+  return resolved
+
+
+def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state, fresh_state):
+  """(step, state, bookkeeping) from the trial's latest checkpoint, else (0, fresh_state(), new);
+  writes config.json and drops metrics.jsonl records past the step this run starts from."""
+  restored = None
+  if ckpts.steps():
+    checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
+    restored = ckpts.restore_latest(abstract_state)
+  if restored:
+    step, state, book = restored
+    # Fields added since the checkpoint was written start at their defaults.
+    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
+    print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
+          flush=True)
+  else:
+    step, state, book = 0, fresh_state(), bookkeeping.new_bookkeeping(config)
+  # Records past the restored step are rewritten by this run (all of them when starting afresh).
+  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
+  write_json(os.path.join(workdir, "config.json"), resolved)
+  return step, state, book
+
+
+def device_train_data(splits, mesh):
+  """(gather function, training arrays on the devices) for train_chunk; (None, None) when the
+  training set is read per batch on the host instead (data.host.HostChunk)."""
+  if splits.train_text is not None:  # random windows of the train text; fixed ones size an epoch
+    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
+    return gather, sharding.put_replicated((splits.train_text,), mesh)
+  if splits.train_source:
+    return None, None
+  gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
+  return gather, sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
+
+
+def make_evaluate(config, splits, model, mesh):
+  """evaluate(state) -> {'<split>/loss': ..., '<split>/error': ...} over the eval splits."""
+  eval_sets = {
+      "valid": (splits.valid_images, splits.valid_labels),
+      "test": (splits.test_images, splits.test_labels),
+      "train_eval": (splits.train_images[:config.train_eval_size],
+                     splits.train_labels[:config.train_eval_size]),
+  }
+  eval_sets = {k: v for k, v in eval_sets.items() if len(v[1])}
+  # One chunk shape for every split (one compilation), no bigger than the largest split needs.
+  largest = max(len(labels) for _, labels in eval_sets.values())
+  eval_batch = math.ceil(min(config.eval_batch_size, largest) / mesh.size) * mesh.size
+  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items()}
+  eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
+                                      pixel_scale=splits.pixel_scale))
+
+  def evaluate(state):
+    results = {}
+    for split, (images, labels, mask) in eval_sets.items():
+      sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
+              for i in range(len(labels))]   # a Python loop: see chunk_unroll above
+      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
+      results[f"{split}/loss"] = float(loss) / float(count)
+      results[f"{split}/error"] = float(errors) / float(count)
+      if splits.context_length:   # bits per character: the language-modelling unit
+        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
+    return results
+  return evaluate
+
+
+def step_function(config, plan, model, mesh):
+  """The trial's steplib.train_step(state, inputs, targets, augment_key, peak_lr)."""
+  # The step sees the schedule's shape (peak 1) and the peak LR as a runtime input (TrialInputs).
+  lr_shape = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction, peak=1.0)
+  return functools.partial(
+      steplib.train_step, apply_fn=model.apply, lr_fn=lr_shape,
+      optimizer=steplib.make_optimizer(config.optimizer, lr_shape),
+      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
+      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+
+
+def chunk_function(config, plan, splits, mesh, gather, step_fn):
+  """train_chunk(state, arrays, inputs, num_active, *, num_steps) of this trial's data and step
+  (device-resident training data), not yet jitted."""
+  return functools.partial(train_chunk, num_examples=len(splits.train_labels),
+                           batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
+                           gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
+                           shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
+
+
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None,
         memory_limit_bytes: int | None = None) -> dict:
   """Trains one trial in `workdir`; returns the summary written to summary.json.
@@ -229,62 +324,19 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   memory.check_fits(functools.partial(step_memory_bytes, config, splits), config.batch_size,
                     memory_limit_bytes or memory.device_memory_bytes())
   abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
-  state_sharding, rng = sharding.replicated(mesh), jax.random.PRNGKey(config.seed)
-  num_params = models.parameter_count(abstract_state.params)
-  resolved = resolved_config(config, plan, mesh.size, num_params)
-  if splits.context_length:
-    resolved["derived"]["tokens_per_step"] = config.batch_size * splits.context_length
-  resolved["derived"]["data_placement"] = "host" if splits.train_source else "device"
-  resolved.update(trial_id=trial_id, sweep_axes=dict(sweep_axes or {}))
+  init_fn = jax.jit(init, out_shardings=sharding.replicated(mesh))
+  rng = jax.random.PRNGKey(config.seed)
+  resolved = trial_record(config, plan, mesh, splits, abstract_state, trial_id, sweep_axes)
 
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
-  restored = None
-  if ckpts.steps():
-    checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
-    restored = ckpts.restore_latest(abstract_state)
-  if restored:
-    step, state, book = restored
-    # Fields added since the checkpoint was written start at their defaults.
-    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
-    print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
-          flush=True)
-  else:
-    step, book = 0, bookkeeping.new_bookkeeping(config)
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
+  step, state, book = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
+                                      lambda: init_fn(rng))
   # The initial parameters, rebuilt from the seed (a resumed run gets the same ones), in their own
   # buffers: the training state's are donated to the first chunk.
-  init_params = jax.jit(init, out_shardings=state_sharding)(rng).params
-  # Records past the restored step are rewritten by this run (all of them when starting afresh).
-  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
-  write_json(os.path.join(workdir, "config.json"), resolved)
-
-  if splits.train_text is not None:  # random windows of the train text; fixed ones size an epoch
-    gather = functools.partial(data.text.gather_windows, context_length=splits.context_length)
-    train_arrays = sharding.put_replicated((splits.train_text,), mesh)
-  elif not splits.train_source:   # on the device; else read per batch (data.host.HostChunk below)
-    gather = functools.partial(gather_examples, pixel_scale=splits.pixel_scale)
-    train_arrays = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
-  eval_sets = {
-      "valid": (splits.valid_images, splits.valid_labels),
-      "test": (splits.test_images, splits.test_labels),
-      "train_eval": (splits.train_images[:config.train_eval_size],
-                     splits.train_labels[:config.train_eval_size]),
-  }
-  eval_sets = {k: v for k, v in eval_sets.items() if len(v[1])}
-  # One chunk shape for every split (one compilation), no bigger than the largest split needs.
-  largest = max(len(labels) for _, labels in eval_sets.values())
-  eval_batch = math.ceil(min(config.eval_batch_size, largest) / mesh.size) * mesh.size
-  eval_sets = {k: _padded_eval_set(*v, eval_batch, mesh) for k, v in eval_sets.items()}
-
-  # The step sees the schedule's shape (peak 1) and the peak LR as a runtime input (TrialInputs).
-  lr_shape = schedule.learning_rate_fn(plan, config.decay, config.warmup.init_fraction, peak=1.0)
-  step_fn = functools.partial(
-      steplib.train_step, apply_fn=model.apply, lr_fn=lr_shape,
-      optimizer=steplib.make_optimizer(config.optimizer, lr_shape),
-      microbatching=microbatching(config, mesh.size), mesh=mesh, axis=sharding.DATA,
-      crop_padding=config.augment.crop_padding, flip=config.augment.flip)
-  inputs = TrialInputs.of(plan, config.seed, init_params)
+  inputs = TrialInputs.of(plan, config.seed, init_fn(rng).params)
+  step_fn = step_function(config, plan, model, mesh)
+  gather, train_arrays = device_train_data(splits, mesh)
   if splits.train_source:   # each process reads its rows of each batch, from `step` on
     chunk = data.host.HostChunk(
         splits.train_source, inputs.data_key, mesh, batch_size=config.batch_size,
@@ -293,29 +345,12 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
         unroll=config.chunk_unroll)
     train_data = (inputs,)
   else:
-    chunk = jax.jit(
-        functools.partial(train_chunk, num_examples=len(splits.train_labels),
-                          batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
-                          gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
-                          shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh)),
-        static_argnames="num_steps", donate_argnames="state")
+    chunk = jax.jit(chunk_function(config, plan, splits, mesh, gather, step_fn),
+                    static_argnames="num_steps", donate_argnames="state")
     train_data = (train_arrays, inputs)
   chunk_fn = resources.ChunkCost(chunk, book.setdefault("resources", {}), config.batch_size)
   book["step_cap"] = plan.total_steps
-  eval_fn = jax.jit(functools.partial(steplib.eval_sums, apply_fn=model.apply,
-                                      pixel_scale=splits.pixel_scale))
-
-  def evaluate(state):
-    results = {}
-    for split, (images, labels, mask) in eval_sets.items():
-      sums = [eval_fn(state.params, state.batch_stats, images[i], labels[i], mask[i])
-              for i in range(len(labels))]   # a Python loop: see chunk_unroll above
-      loss, errors, count = np.sum(sharding.to_host(sums), axis=0)   # count: labels (tokens)
-      results[f"{split}/loss"] = float(loss) / float(count)
-      results[f"{split}/error"] = float(errors) / float(count)
-      if splits.context_length:   # bits per character: the language-modelling unit
-        results[f"{split}/bpc"] = results[f"{split}/loss"] / math.log(2)
-    return results
+  evaluate = make_evaluate(config, splits, model, mesh)
 
   measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
              if config.curvature.enabled else None)

@@ -40,3 +40,16 @@ def test_bench_throughput_tiny_prints_its_table(tmp_path):
   weights = [784 * 512, 512 * 512, 512 * 10]
   matmul_flops = 2 * 16 * (3 * sum(weights) - weights[0])
   assert matmul_flops <= mfu["step_flops"] < 1.1 * matmul_flops
+
+
+@pytest.mark.heavy   # ~40 s of CPU: four tiny trials twice
+def test_bench_vmap_tiny_prints_its_table(tmp_path):
+  out = tmp_path / "vmap.json"
+  result = subprocess.run([sys.executable, "benchmarks/bench_vmap.py", "--tiny", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  header = next(line for line in result.stdout.splitlines() if line.startswith("sweep"))
+  assert "V/S" in header
+  (row,) = json.loads(out.read_text())["rows"]
+  assert (row["sweep"], row["batch_size"], row["trials"], row["statuses"]) == ("tiny", 16, 4, ["done"])
+  assert row["V/S trials"] == row["V_trials_per_hour"] / row["S_trials_per_hour"] > 0
