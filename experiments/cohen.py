@@ -30,16 +30,17 @@ HOVER = (0.8, 1.2)      # the median of sharpness / T after reaching it
 MIN_AFTER = 5           # measurements after reaching, for a median to mean anything
 
 SCALES = {
-    "smoke": dict(dataset="mnist_tiny", validation_size=100, train_size=256, widths=(16,),
-                  gd_lrs=(0.5, 1.0), momentum_lr=0.1, steps=16, every=4, lanczos=4),
+    "smoke": dict(dataset="mnist_tiny", validation_size=100, train_size=128, widths=(16,),
+                  gd_lrs=(0.5,), momentum_lr=0.1, steps=12, every=4, lanczos=3, devices=1),
     # A small ReLU MLP (Cohen et al.'s fully connected nets have 2 hidden layers of 200, tanh or
     # ELU) so that four runs of 300 exact-gradient steps fit on 2 CPU cores. The sharpness is
     # ~5 after 15 steps (pilot): step sizes whose 2/eta is 1.3x to 4x that.
     "here": dict(dataset="mnist", validation_size=1000, train_size=5000, widths=(64, 64),
-                 gd_lrs=(0.15, 0.3, 0.6), momentum_lr=0.3, steps=300, every=10, lanczos=8),
+                 gd_lrs=(0.15, 0.3, 0.6), momentum_lr=0.3, steps=300, every=10, lanczos=8,
+                 devices=0),
     "paper": dict(dataset="mnist", validation_size=1000, train_size=5000, widths=(200, 200),
                   gd_lrs=(2 / 30, 2 / 50, 2 / 70), momentum_lr=0.01, steps=20000, every=10,
-                  lanczos=20),
+                  lanczos=20, devices=0),
 }
 MOMENTUM = 0.9
 
@@ -58,6 +59,7 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   c.train_eval_size = 0
   c.log_every_steps = s["every"]
   c.grad_groups = 1
+  c.num_devices = s["devices"]       # 0 = all; smoke: 1 (compiling for 8 test devices costs more)
   c.chunk_steps, c.chunk_unroll = s["every"], False
   c.checkpoint.every_steps = 1_000_000
   c.curvature.update(enabled=True, every_steps=s["every"], subset_size=s["train_size"],

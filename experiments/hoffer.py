@@ -31,7 +31,7 @@ FIT_R2 = 0.95   # a fit "holds" when it explains at least 95 % of the variance
 
 SCALES = {
     "smoke": dict(dataset="mnist_tiny", validation_size=100, train_size=0, widths=(32,),
-                  sb=16, lb=64, sb_seeds=(0, 1), epochs=2.0),
+                  sb=16, lb=64, sb_seeds=(0,), epochs=1.0),
     # A BN MLP (784-256-256-10) on 8192 Fashion-MNIST training images; SB 128 (BN over 64: two
     # gradient groups), LB 1024 (8x; the paper's 32x would need 32x the SB's examples for the
     # regime-adapted run), 4 SB epochs = 256 steps; the regime-adapted LB trains 32 epochs.

@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import mnist
 from experiments import common
-from scaling import measure, measure_checkpoint, metrics
+from scaling import measure, measure_checkpoint, metrics, sweep
 
 SMALL_BATCH = 256
 TRAIN_TARGET = 0.005          # train_eval/error below 0.5%: "trained to near 100% accuracy"
@@ -36,18 +36,18 @@ PAPER = {"test_acc": (98.03, 97.81), 1e-3: (1.23, 205.14), 5e-4: (0.61, 42.90)}
 # Per scale: data, widths, small batch, seeds, epoch caps (SB, LB), evaluations every (SB, LB)
 # steps, steps per dispatch (SB, LB), curvature subset, Lanczos steps, L-BFGS-B iterations.
 SCALES = {
-    "smoke": dict(dataset="mnist_tiny", validation_size=100, widths=(32, 32), small_batch=16,
-                  seeds=(0,), epochs=(2.0, 4.0), eval_every=(8, 5), chunk=(8, 5), subset=128,
-                  lanczos=4, lbfgsb_iter=2, max_probes=4),
+    "smoke": dict(dataset="mnist_tiny", validation_size=100, widths=(16,), small_batch=16,
+                  seeds=(0,), epochs=(1.0, 2.0), eval_every=(8, 5), chunk=(8, 5), subset=64,
+                  lanczos=3, lbfgsb_iter=1, max_probes=2, devices=1),
     # Width 128 instead of 512 (a 5.5x cheaper step) so that 3 seeds x 2 batch sizes fit.
     "here": dict(dataset="mnist", validation_size=5000, widths=(128,) * 5,
                  small_batch=SMALL_BATCH, seeds=(0, 1, 2), epochs=(10.0, 40.0),
                  eval_every=(200, 10), chunk=(8, 10), subset=4096, lanczos=20, lbfgsb_iter=10,
-                 max_probes=50),
+                 max_probes=50, devices=0),
     "paper": dict(dataset="mnist", validation_size=5000, widths=(512,) * 5,
                   small_batch=SMALL_BATCH, seeds=(0, 1, 2, 3, 4), epochs=(100.0, 100.0),
                   eval_every=(200, 10), chunk=(8, 10), subset=10000, lanczos=30, lbfgsb_iter=10,
-                  max_probes=100),
+                  max_probes=100, devices=0),
 }
 
 
@@ -72,6 +72,7 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   c.train_eval_size = min(5000, num_train(s))
   c.eval_every.unit = "steps"
   c.grad_groups = 1                  # BN statistics over the whole batch, as on one GPU
+  c.num_devices = s["devices"]       # 0 = all; smoke: 1 (compiling for 8 test devices costs more)
   c.chunk_steps, c.chunk_unroll = 1, False
   c.checkpoint.every_steps = 1_000_000   # the final weights only
   c.curvature.update(enabled=True, every_steps=0, subset_size=s["subset"], density=False,
@@ -89,18 +90,27 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   return c
 
 
-def lbfgsb_sharpness(trial_dir: str, max_iter: int) -> dict:
-  """{eps: sharpness} of the trial's final checkpoint, cached in keskar_sharpness.json."""
+def lbfgsb_sharpness(trial_dir: str, trial_config, max_iter: int) -> dict:
+  """{eps: sharpness} of the trial's final checkpoint, cached in keskar_sharpness.json.
+  trial_config: the sweep's config of the trial (today's schema; its config.json may predate a
+  field the loader needs)."""
   path = os.path.join(trial_dir, "keskar_sharpness.json")
   if os.path.exists(path):
     with open(path) as f:
       return {float(k): v for k, v in json.load(f).items()}
-  config, model, splits, mesh, step, state = measure_checkpoint.restore(trial_dir)
+  config, model, splits, mesh, step, state = measure_checkpoint.restore(
+      trial_dir, config=trial_config)
   measurer = measure.Measure(config.curvature, model, splits, mesh, config.seed)
   out = {eps: float(measurer.sharpness_lbfgsb(state, eps, max_iter).sharpness)
          for eps in SHARPNESS_EPS}
   metrics.write_json(path, {str(k): v for k, v in out.items()})
   return out
+
+
+def init_distance(final: dict) -> float:
+  """The distance from the initialization at the end; trials trained before the framework named it
+  `param_distance_from_init` logged it as `init_distance` (same quantity), and resume into them."""
+  return final.get("param_distance_from_init", final.get("init_distance"))
 
 
 def compare(claim: str, small: list[float], large: list[float], *, larger: str, ratio: float,
@@ -126,7 +136,10 @@ def compare(claim: str, small: list[float], large: list[float], *, larger: str, 
 
 def run(args) -> list[common.Verdict]:
   s = SCALES[args.scale]
-  trials = common.run_sweep(get_config(args.scale), args.workdir)
+  config = get_config(args.scale)
+  trials = common.run_sweep(config, args.workdir)
+  trial_configs = {os.path.normpath(t.directory): t.config
+                   for t in sweep.expand(config, args.workdir)}
   by_batch = {}
   for t in sorted(trials, key=lambda t: (t.batch_size, t.seed)):
     if t.status != "done":
@@ -136,9 +149,10 @@ def run(args) -> list[common.Verdict]:
            "train_acc": 100 * (1 - t.final["train_eval/error"]),
            "trace": t.final["curvature/hessian_trace"],
            "top_eig": t.final["curvature/top_eigenvalue"],
-           "init_distance": t.final["param_distance_from_init"],
+           "init_distance": init_distance(t.final),
            "epochs": t.last_step * t.batch_size / num_train(s),
-           **lbfgsb_sharpness(t.path, s["lbfgsb_iter"])}
+           **lbfgsb_sharpness(t.path, trial_configs[os.path.normpath(t.path)],
+                              s["lbfgsb_iter"])}
     by_batch.setdefault(t.batch_size, []).append(row)
   if len(by_batch) != 2:
     return [common.decide("LB generalizes worse and is sharper", None,

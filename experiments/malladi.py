@@ -32,13 +32,13 @@ METRIC = "train_eval/loss"
 
 SCALES = {
     "smoke": dict(dataset="mnist_tiny", validation_size=100, widths=(16,), base_batch=8,
-                  kappas=(1, 4, 16), examples=1024, eval_examples=256, chunk=2, base_lr=1e-3),
+                  kappas=(1, 4), examples=256, eval_examples=64, chunk=2, base_lr=1e-3, devices=1),
     "here": dict(dataset="mnist", validation_size=1000, widths=(128, 128), base_batch=32,
                  kappas=(1, 2, 4, 8, 16), examples=102400, eval_examples=10240, chunk=20,
-                 base_lr=1e-3),
+                 base_lr=1e-3, devices=0),
     "paper": dict(dataset="mnist", validation_size=5000, widths=(512, 512), base_batch=32,
                   kappas=(1, 2, 4, 8, 16), examples=550000, eval_examples=10240, chunk=20,
-                  base_lr=1e-3),
+                  base_lr=1e-3, devices=0),
 }
 
 
@@ -61,6 +61,7 @@ def get_config(scale: str) -> ml_collections.ConfigDict:
   c.train_eval_size = 5000 if s["dataset"] == "mnist" else 256
   c.log_every_steps = s["chunk"]
   c.grad_groups = 1
+  c.num_devices = s["devices"]       # 0 = all; smoke: 1 (compiling for 8 test devices costs more)
   c.chunk_steps, c.chunk_unroll = s["chunk"], False
   c.checkpoint.every_steps = 1_000_000
   # Runs: B0 with seeds 0 and 1 (the noise floor; both rules are the same there), then every

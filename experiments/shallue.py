@@ -75,11 +75,10 @@ def smoke_config(part):
   c.model.widths = (16,)
   c.optimizer.name = part
   c.lr_rule = "none"
-  c.budget.length, c.eval_every.length = 60.0, 4.0
   c.chunk_steps, c.log_every_steps = 4, 4
   c.sweep = ml_collections.ConfigDict(dict(seed=(0,)))
   factor = 1.0 if part == "momentum" else SGD_CENTRE_FACTOR
-  return _zip(c, [(16, 0.05 * factor, 60, 4), (64, 0.1 * factor, 60, 4)])
+  return _zip(c, [(16, 0.05 * factor, 32, 8), (64, 0.1 * factor, 32, 8)])
 
 
 def paper_config(dataset, part):

@@ -46,10 +46,12 @@ def load_trial_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(resolved)
 
 
-def restore(workdir: str, step_flag: str = "latest"):
-  """A trial's checkpoint -> (config, model, splits, mesh, step, state), read-only."""
+def restore(workdir: str, step_flag: str = "latest", config=None):
+  """A trial's checkpoint -> (config, model, splits, mesh, step, state), read-only. `config`: the
+  trial's config in today's schema (e.g. from sweep.expand, whose resume check passed), for a
+  trial written before a field was added; default: its config.json as written."""
   at_most = parse_step(step_flag)
-  config = load_trial_config(workdir)
+  config = config if config is not None else load_trial_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoints/: the trial saved none yet")

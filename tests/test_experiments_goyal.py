@@ -1,12 +1,10 @@
 """experiments/goyal.py: the gradual warmup starts at the reference LR, and the smoke scale runs
 end to end (sweeps, reports, one verdict per claim, verdicts.json)."""
-import json
-import os
-
 import pytest
 
-from experiments import common, goyal
+from experiments import goyal
 from scaling import schedule, sweep
+from tests.experiment_smoke import run_smoke
 
 
 def _lr_at(trial_config, steps):
@@ -27,7 +25,7 @@ def test_gradual_warmup_goes_from_the_reference_lr_to_the_scaled_one(tmp_path):
   assert last == pytest.approx(c.base_lr * 128 / 16, rel=1e-6)           # k * eta
   # The reference batch runs once per seed, flat at the reference LR.
   ref = [t for t in trials if t.config.batch_size == 16]
-  assert sorted(t.config.seed for t in ref) == [0, 1]
+  assert sorted(t.config.seed for t in ref) == list(goyal.SCALES["smoke"]["ref_seeds"])
   assert _lr_at(ref[0].config, [0])[1] == pytest.approx([ref[0].config.base_lr], rel=1e-6)
 
 
@@ -42,16 +40,6 @@ def test_no_warmup_starts_at_the_scaled_lr_and_decays_when_the_warmup_arm_does(t
   assert lrs_cold[-1] == pytest.approx(lrs_warm[-1], rel=1e-6)   # same step decay afterwards
 
 
-@pytest.mark.slow    # manual (-m slow): outside CI's time budget
-def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys):
-  common.main(goyal.run, [f"--workdir={tmp_path}", "--scale=smoke"], "goyal")
-  out = capsys.readouterr().out
-  lines = [l for l in out.splitlines()
-           if l.startswith(("CONFIRMED:", "NOT CONFIRMED:", "INCONCLUSIVE:"))]
-  assert len(lines) == 3
-  with open(os.path.join(tmp_path, "verdicts.json")) as f:
-    verdicts = json.load(f)["verdicts"]
-  assert [v["outcome"] for v in verdicts] == [l.split(":")[0] for l in lines]
-  assert all(v["rule"] and v["evidence"] for v in verdicts)
-  for arm in goyal.ARMS:
-    assert os.path.exists(os.path.join(tmp_path, arm, "report", "index.html"))
+@pytest.mark.heavy   # CI's heavy pass
+def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys, monkeypatch):
+  run_smoke(goyal, tmp_path, capsys, monkeypatch, claims=3, reports=goyal.ARMS)

@@ -1,13 +1,12 @@
 """experiments/hoffer.py: the arms are what the paper prescribes (sqrt rule, ghost BN of the SB's BN
 batch, the SB's number of steps), and the smoke scale runs end to end."""
-import json
 import math
-import os
 
 import pytest
 
-from experiments import common, hoffer
+from experiments import hoffer
 from scaling import schedule, step, sweep
+from tests.experiment_smoke import run_smoke
 
 
 def test_arms_follow_the_paper(tmp_path):
@@ -39,14 +38,6 @@ def test_log_fit_tells_log_growth_from_a_random_walk():
   assert walk_fit["sqrt"][1] == pytest.approx(1.0) and walk_fit["log"][1] < 0.99
 
 
-@pytest.mark.slow    # manual (-m slow): outside CI's time budget
-def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys):
-  common.main(hoffer.run, [f"--workdir={tmp_path}", "--scale=smoke"], "hoffer")
-  out = capsys.readouterr().out
-  lines = [l for l in out.splitlines()
-           if l.startswith(("CONFIRMED:", "NOT CONFIRMED:", "INCONCLUSIVE:"))]
-  assert len(lines) == 2
-  with open(os.path.join(tmp_path, "verdicts.json")) as f:
-    verdicts = json.load(f)["verdicts"]
-  assert [v["outcome"] for v in verdicts] == [l.split(":")[0] for l in lines]
-  assert os.path.exists(os.path.join(tmp_path, "report", "index.html"))
+@pytest.mark.heavy   # CI's heavy pass
+def test_smoke_runs_end_to_end_with_one_verdict_per_claim(tmp_path, capsys, monkeypatch):
+  run_smoke(hoffer, tmp_path, capsys, monkeypatch, claims=2)

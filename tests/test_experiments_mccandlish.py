@@ -1,11 +1,11 @@
 """experiments/mccandlish.py: its decision rules on exact synthetic data, and the smoke run."""
-import json
 import types
 
 import numpy as np
 import pytest
 
 from experiments import common, mccandlish
+from tests.experiment_smoke import run_smoke
 from tests.test_experiments_shallue import B, curve, fit_of, rows_from_curve
 
 
@@ -58,16 +58,11 @@ def test_hyperbola_exact_and_perturbed():
   assert mccandlish.hyperbola(bent, fit_of(bent)).outcome == common.NOT_CONFIRMED
 
 
-@pytest.mark.slow    # manual (-m slow): outside CI's time budget
-def test_smoke_reuses_or_runs_the_shallue_momentum_sweep(tmp_path, capsys):
-  argv = [f"--workdir={tmp_path}", "--scale=smoke"]
-  common.main(mccandlish.run, argv, "mccandlish", mccandlish.add_arguments)
-  out = capsys.readouterr().out
-  assert (tmp_path / "shallue" / "mnist_tiny" / "momentum" / "report" / "index.html").exists()
+@pytest.mark.heavy   # CI's heavy pass
+def test_smoke_reuses_or_runs_the_shallue_momentum_sweep(tmp_path, capsys, monkeypatch):
+  momentum = "shallue/mnist_tiny/momentum"
+  run_smoke(mccandlish, tmp_path, capsys, monkeypatch, claims=3, reports=(momentum,))
   assert not (tmp_path / "shallue" / "mnist_tiny" / "sgd").exists()
-  saved = json.loads((tmp_path / "verdicts.json").read_text())
-  assert len(saved["verdicts"]) == 3 and all(v["claim"] in out for v in saved["verdicts"])
   # a second run trains nothing: every trial is already done
-  common.main(mccandlish.run, argv, "mccandlish", mccandlish.add_arguments)
-  second = capsys.readouterr().out
+  _, second = run_smoke(mccandlish, tmp_path, capsys, monkeypatch, claims=3, reports=(momentum,))
   assert ": training" not in second and "already done, skipped" in second

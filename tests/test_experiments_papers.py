@@ -1,13 +1,12 @@
 """experiments/keskar.py, cohen.py, malladi.py: their decision rules on known numbers, their configs
 at every scale valid before any training, and (heavy) the smoke runs end to end."""
-import json
-import os
 import types
 
 import pytest
 
 from experiments import cohen, common, keskar, malladi
 from scaling import sweep
+from tests.experiment_smoke import run_smoke
 
 PAPERS = {"keskar": keskar, "cohen": cohen, "malladi": malladi}
 CLAIMS = {"keskar": 6, "cohen": 2, "malladi": 2}
@@ -68,15 +67,7 @@ def test_malladi_rule_and_deviation():
   assert malladi.deviation({200: 1.1, 300: 0.4, 400: 9.0}, base) == pytest.approx(0.15)
 
 
-@pytest.mark.slow    # manual (-m slow): outside CI's time budget
+@pytest.mark.heavy   # CI's heavy pass
 @pytest.mark.parametrize("name", sorted(PAPERS))
-def test_smoke_run_prints_a_verdict_per_claim(name, tmp_path, capsys):
-  module = PAPERS[name]
-  common.main(module.run, [f"--workdir={tmp_path}", "--scale=smoke"], name)
-  lines = [line for line in capsys.readouterr().out.splitlines()
-           if line.startswith((common.CONFIRMED, common.NOT_CONFIRMED, common.INCONCLUSIVE))]
-  assert len(lines) == CLAIMS[name]
-  with open(os.path.join(tmp_path, "verdicts.json")) as f:
-    saved = json.load(f)
-  assert [v["outcome"] for v in saved["verdicts"]] == [line.split(":")[0] for line in lines]
-  assert all(v["rule"] and v["evidence"] for v in saved["verdicts"])
+def test_smoke_run_prints_a_verdict_per_claim(name, tmp_path, capsys, monkeypatch):
+  run_smoke(PAPERS[name], tmp_path, capsys, monkeypatch, claims=CLAIMS[name])

@@ -1,5 +1,4 @@
 """experiments/shallue.py: its decision rules on exact synthetic curves, and the smoke run end to end."""
-import json
 import math
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 from configs import mnist_sweep
 from experiments import common, shallue
 from scaling import study
+from tests.experiment_smoke import run_smoke
 
 
 def rows_from_curve(batch_sizes, steps, lrs=None, optimizer="momentum", edge=""):
@@ -114,16 +114,7 @@ def test_here_config_momentum_is_the_default_study_and_sgd_sits_beside_it():
   assert [(p.model.name, p.target.value) for p in paper] == [("cnn", 0.01), ("cnn", 0.1)]
 
 
-@pytest.mark.slow    # manual (-m slow): outside CI's time budget
-def test_smoke_runs_end_to_end(tmp_path, capsys):
-  common.main(shallue.run, [f"--workdir={tmp_path}", "--scale=smoke"], "shallue",
-              shallue.add_arguments)
-  out = capsys.readouterr().out
-  lines = [line for line in out.splitlines() if line.split(":")[0] in
-           (common.CONFIRMED, common.NOT_CONFIRMED, common.INCONCLUSIVE)]
-  assert len(lines) == 3, out
-  saved = json.loads((tmp_path / "verdicts.json").read_text())
-  assert [v["claim"] for v in saved["verdicts"]] == [line.split(": ", 1)[1].split(" -- ")[0]
-                                                    for line in lines]
-  for part in shallue.PARTS:
-    assert (tmp_path / "mnist_tiny" / part / "report" / "index.html").exists()
+@pytest.mark.heavy   # CI's heavy pass
+def test_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
+  run_smoke(shallue, tmp_path, capsys, monkeypatch, claims=3,
+            reports=[f"mnist_tiny/{part}" for part in shallue.PARTS])

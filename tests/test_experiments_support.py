@@ -67,3 +67,20 @@ def test_scheduled_must_name_a_known_set():
   config = tiny_config(**{"curvature.scheduled": "trace"})
   with pytest.raises(ConfigError, match="curvature.scheduled='trace' is invalid"):
     check_fields(config)
+
+
+@pytest.mark.heavy   # trains a tiny trial: CI's heavy pass
+def test_restore_takes_todays_config_for_a_trial_written_before_a_field(tmp_path):
+  # keskar.py measures finished trials offline; one written before dataset.placement existed has
+  # a config.json without it, which the loader needs: restore(config=...) takes the sweep's.
+  config = tiny_config(**{"num_devices": 1, "budget.length": 8.0})
+  train.run(config, str(tmp_path))
+  path = tmp_path / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["dataset"]["placement"]
+  path.write_text(json.dumps(saved))
+  with pytest.raises(AttributeError, match="placement"):
+    measure_checkpoint.restore(str(tmp_path))
+  restored_config, _, _, _, step, state = measure_checkpoint.restore(str(tmp_path), config=config)
+  assert step == 8 and restored_config is config
+  assert int(state.step) == 8
