@@ -1,11 +1,13 @@
 """One trial: config -> data -> model -> jitted step loop -> metrics -> checkpoints -> summary.json.
 
 `run(config, workdir)` is the whole trial. The training data live on the devices (replicated; they
-are small), each epoch's order is a device-side permutation from (seed, epoch), and `chunk_steps`
-steps run per dispatch under one `lax.scan`, so Python overhead does not dominate small batches.
+are small), each epoch's order is a device-side permutation from (seed, epoch) made at the epoch's
+first step and carried between chunks, and `chunk_steps` steps run per dispatch in one loop, so
+Python overhead does not dominate small batches.
 Per-step metrics stay on the device until the next evaluation, so dispatch never waits for them.
 `chunk_unroll` unrolls that scan: XLA:CPU runs convolutions inside a loop ~10x slower than
-unrolled (measured, benchmarks/bench_step.py), so CNN configs on CPU unroll short chunks.
+unrolled (measured, benchmarks/bench_step.py), and inside a lax.cond as slowly, so CNN configs on
+CPU unroll short chunks and compile one per distinct length.
 A training set too large for that (`dataset.placement`) is read per batch on the host in the same
 order instead (scaling/data/host.py: `HostChunk` stands in for the jitted chunk).
 """
