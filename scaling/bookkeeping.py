@@ -46,7 +46,7 @@ def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_
               spec, chunk_ends):
   """Folds `count` per-step metrics into the window; writes a record every log_every_steps.
 
-  `chunk_ends` maps a chunk's last step to the metrics measured after it (train.chunk_end_metrics:
+  `chunk_ends` maps a chunk's last step to the metrics measured after it (chunk.chunk_end_metrics:
   param_norm, param_distance_from_init): the loop ends a chunk at every record, so a record's are
   those after its own step (a divergence record, mid-chunk, has none). Window sums run over slices (numpy), not step by step in Python: at small
   batches on a GPU the host's per-step work would be a visible share of the step time."""

@@ -11,7 +11,7 @@ The script goes to `<workdir>/slurm/sweep.sbatch` and each task logs to
 --trial=$SLURM_ARRAY_TASK_ID` as one `srun` step: one process, or nodes x tasks_per_node
 processes that find their coordinator and rank in Slurm's environment (`--distributed`).
 `--signal` sends the trial SIGTERM `signal_seconds` before its time limit: it saves a checkpoint
-and exits with 143 (train.Preempted), and the task requeues itself (`--requeue`) to resume from
+and exits with 143 (loop.Preempted), and the task requeues itself (`--requeue`) to resume from
 it; `scancel --signal=TERM JOB_TASK` does the same by hand. Running the launcher again submits
 only the trials that are not done or diverged.
 """

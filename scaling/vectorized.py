@@ -2,8 +2,8 @@
 
 Trials whose configs differ only in VMAPPED_FIELDS (the seed: the init, data-order and
 augmentation keys; base_lr and lr_multiplier: the peak learning rate) share the model, the batch
-size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `train.train_chunk` over
-a stacked TrainState [M, ...] and each member's train.TrialInputs (peak LR, data and augmentation
+size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `chunk.train_chunk` over
+a stacked TrainState [M, ...] and each member's chunk.TrialInputs (peak LR, data and augmentation
 keys, initial parameters: the runtime arguments of a solo run's chunk), so a member does exactly a
 solo run's arithmetic. The chunk's runtime step count (num_active) is the group's, unbatched.
 The training set must live on the devices: the host data path (dataset.placement='host', or
@@ -11,7 +11,7 @@ The training set must live on the devices: the host data path (dataset.placement
 
 Everything on the host stays per member: its directory, config.json, metrics.jsonl, TensorBoard
 events, Orbax checkpoints (of its slice of the state: a solo run resumes them), summary.json, all
-written by the functions train._train_loop uses. A member that diverges, or reaches its target
+written by the functions loop.train_loop uses. A member that diverges, or reaches its target
 with stop_at_target, is frozen: the chunk masks its update (its slice stops changing, NaNs stay
 out) and its files are final, while the others train on. Evaluation and curvature run on each
 member's slice in turn, at a solo run's cadence; the noise-scale statistics come per member out
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import bookkeeping, checkpoint, memory, resources, schedule, sharding, train
+from scaling import bookkeeping, checkpoint, chunk, loop, memory, resources, schedule, sharding
+from scaling import train
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
 from scaling import step as steplib
@@ -87,11 +88,11 @@ class Member:
   config: object
   workdir: str
   plan: schedule.Plan
-  spec: train.LoopSpec
+  spec: loop.LoopSpec
   ckpts: checkpoint.Checkpoints
   step: int                          # where this member stands (it stops early when diverged)
   book: dict
-  inputs: train.TrialInputs          # the runtime arguments of its chunk
+  inputs: chunk.TrialInputs          # the runtime arguments of its chunk
   cost: resources.ChunkCost = None   # summary() of the member's share of the group's cost
   writer: metrics_lib.MetricsWriter = None
   top_vector: object = None          # the curvature's Lanczos warm start
@@ -106,7 +107,7 @@ def vectorized_chunk(state_M, order_MxN, inputs_M, active_M, arrays, num_active,
                      chunk_fn):
   """`chunk_fn` (train.chunk_function) of every member at once, `num_active` steps each; members
   whose active_M is False keep their parameters and optimizer state (frozen: finished or
-  diverged). `order_MxN`: each member's epoch order (train.CarriedOrder holds it between chunks).
+  diverged). `order_MxN`: each member's epoch order (chunk.CarriedOrder holds it between chunks).
   Returns (state_M, order_MxN, metrics_MxK, chunk_end_metrics_M).
 
   The members train in lockstep, so they share one unbatched step counter: with a batched one,
@@ -167,10 +168,10 @@ def run(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
           lambda: init_fn(jax.random.PRNGKey(config.seed)))
       book["step_cap"] = plan.total_steps
       # Its initial parameters (the distance from them is logged), in their own buffers.
-      inputs = train.TrialInputs.of(plan, config.seed,
+      inputs = chunk.TrialInputs.of(plan, config.seed,
                                     init_fn(jax.random.PRNGKey(config.seed)).params)
       members.append(Member(
-          config, workdir, plan, train.LoopSpec.of(config, plan, workdir, microbatching.groups),
+          config, workdir, plan, loop.LoopSpec.of(config, plan, workdir, microbatching.groups),
           ckpts, step, book, inputs, cost=resources.ChunkCost(
               None, book.setdefault("resources", {}), config.batch_size)))
       states.append(state)
@@ -218,8 +219,8 @@ class Shared:
 
 
 def _initial_order(steps_per_epoch, num_examples, mesh):
-  """train.initial_order for every member: their keys, the group's one step counter."""
-  order_M = jax.jit(jax.vmap(lambda key, step: train.epoch_order(key, step // steps_per_epoch,
+  """chunk.initial_order for every member: their keys, the group's one step counter."""
+  order_M = jax.jit(jax.vmap(lambda key, step: chunk.epoch_order(key, step // steps_per_epoch,
                                                                  num_examples),
                              in_axes=(0, None)), out_shardings=sharding.replicated(mesh))
   return lambda state_M, inputs_M, *_: order_M(inputs_M.data_key, state_M.step[0])
@@ -266,7 +267,7 @@ def _measure_curvature(shared: Shared, m: Member, state, step: int, **kwargs) ->
 
 
 def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -> None:
-  """train._train_loop's evaluation block for one member."""
+  """loop.train_loop's evaluation block for one member."""
   spec, book, writer = m.spec, m.book, m.writer
   B, T = spec.batch_size, spec.tokens_per_example
   results = shared.evaluate(state)
@@ -278,7 +279,7 @@ def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -
   if spec.stop_at_target and book["target"]["reached"]:
     book["status"] = "done"
   finishing = step == spec.total_steps or book["status"] == "done"
-  if shared.measure and (finishing or newly_reached or train._crossed(
+  if shared.measure and (finishing or newly_reached or loop.crossed(
       step, book["last_curvature_step"], spec.curvature_every_steps)):
     results = _measure_curvature(shared, m, state, step, step_seconds=B / rate,
                                  density=finishing and spec.curvature_density,
@@ -291,7 +292,7 @@ def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -
     if newly_reached:
       book["target"]["at"].update(results)
     writer.write(step, results)
-  if train._crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
+  if loop.crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
     _save(m, state, step)
   book["elapsed"] = writer.elapsed()
   writer.flush()
@@ -300,7 +301,7 @@ def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -
 
 
 def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> None:
-  """train._train_loop for members that all stand at `step`, one chunk program for all."""
+  """loop.train_loop for members that all stand at `step`, one chunk program for all."""
   spec = members[0].spec   # every field but workdir is the same for all members
   B, T = spec.batch_size, spec.tokens_per_example
   for m in members:
@@ -308,10 +309,10 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
                                          tokens_per_example=T)
   member_inputs = shared.stack(*[m.inputs for m in members])
   cost_record = {}
-  cost = resources.ChunkCost(train.CarriedOrder(shared.program, shared.initial_order),
+  cost = resources.ChunkCost(chunk.CarriedOrder(shared.program, shared.initial_order),
                              cost_record, B)
   take = lambda i: shared.take(state_M, i)
-  with train._StopRequest() as stop:
+  with loop.StopRequest() as stop:
     if step == 0 and spec.eval_at_start:
       for i, m in enumerate(members):
         results = shared.evaluate(take(i))
@@ -324,7 +325,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
                         (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
       chunks, started, stopping, before = [], time.perf_counter(), False, dict(cost_record)
       start = step
-      while start < segment_end:   # train._train_loop's chunks: each ends at a log record too
+      while start < segment_end:   # loop.train_loop's chunks: each ends at a log record too
         if stop.requested(start):
           segment_end, stopping = start, True
           break
@@ -391,4 +392,4 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
   if any(m.book["status"] == "preempted" for m in members):
     print(f"stopped by signal {stop.signal} at step {step}: checkpoints saved, rerun to resume",
           flush=True)
-    raise train.Preempted(128 + (stop.signal or signal.SIGTERM))
+    raise loop.Preempted(128 + (stop.signal or signal.SIGTERM))

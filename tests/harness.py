@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from scaling import checkpoint, main, train  # noqa: E402
+from scaling import checkpoint, loop, main, train  # noqa: E402
 
 
 def _parse(value: str) -> tuple[int, signal.Signals]:
@@ -34,13 +34,13 @@ def _send(sig: signal.Signals) -> None:
 def install() -> None:
   if "SCALING_TEST_SIGNAL" in os.environ:
     at, sig = _parse(os.environ["SCALING_TEST_SIGNAL"])
-    requested = train._StopRequest.requested
+    requested = loop.StopRequest.requested
 
     def requested_at(self, step):
       if step == at and self.signal is None:
         _send(sig)
       return requested(self, step)
-    train._StopRequest.requested = requested_at
+    loop.StopRequest.requested = requested_at
 
   if "SCALING_TEST_SIGNAL_AFTER_SAVE" in os.environ:
     at, sig = _parse(os.environ["SCALING_TEST_SIGNAL_AFTER_SAVE"])

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from scaling import data, sharding, train
+from scaling import chunk, data, loop, sharding, train
 from scaling.config import ConfigError, check_fields
 from scaling.data import host
 from tests.tiny import read_records, tiny_config
@@ -36,13 +36,13 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("host_data")
   workdirs = {name: str(root / name) for name in ("device", "host")}
   train.run(_config("device"), workdirs["device"])
-  requested = train._StopRequest.requested
+  requested = loop.StopRequest.requested
   try:   # a preemption at a chunk boundary inside the first epoch, then a rerun from its checkpoint
-    train._StopRequest.requested = lambda self, step: step == STOP_AT
-    with pytest.raises(train.Preempted):
+    loop.StopRequest.requested = lambda self, step: step == STOP_AT
+    with pytest.raises(loop.Preempted):
       train.run(_config("host"), workdirs["host"])
   finally:
-    train._StopRequest.requested = requested
+    loop.StopRequest.requested = requested
   with open(os.path.join(workdirs["host"], "summary.json")) as f:
     assert json.load(f)["step"] == STOP_AT
   summary = train.run(_config("host"), workdirs["host"])
@@ -100,7 +100,7 @@ def test_prefetcher_reads_ahead_in_the_epoch_order():
   assert images.shape == (6, 4, 2) and labels.shape == (6, 4)
   for k, step in enumerate(range(4, 10)):
     epoch, pos = divmod(step, steps_per_epoch)
-    order_N = np.asarray(train.epoch_order(key, epoch, n))
+    order_N = np.asarray(chunk.epoch_order(key, epoch, n))
     np.testing.assert_array_equal(labels[k], counting.labels_N[order_N[pos * B + rows]])
     np.testing.assert_array_equal(images[k], counting.images_N[order_N[pos * B + rows]])
 

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import checkpoint, launch, status, train
+from scaling import checkpoint, launch, loop, status, train
 from scaling.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,7 +296,7 @@ def test_sigterm_in_the_segment_of_a_checkpoint_preempts_at_it(tmp_path, monkeyp
 
   monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_sigterm)
   config = tiny_config()
-  with pytest.raises(train.Preempted) as stopped:
+  with pytest.raises(loop.Preempted) as stopped:
     train.run(config, str(tmp_path))
   assert stopped.value.code == 128 + signal.SIGTERM
   with open(tmp_path / "summary.json") as f:

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import mnist
-from scaling import sharding, step as steplib, train
+from scaling import chunk, loop, schedule, sharding, step as steplib, train
 from tests.tiny import read_records, tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
@@ -172,16 +172,16 @@ def _chunk_jaxpr(num_steps, **fields):
   _, init = train.abstract_train_state(config, model, optimizer, splits, mesh)
   state = jax.jit(init)(jax.random.PRNGKey(0))
   gather, arrays = train.device_train_data(splits, mesh)
-  chunk = train.chunk_function(config, plan, splits, mesh, gather,
-                               train.step_function(config, plan, model, mesh))
-  inputs = train.TrialInputs.of(plan, 0, state.params)
+  chunk_fn = train.chunk_function(config, plan, splits, mesh, gather,
+                                  train.step_function(config, plan, model, mesh))
+  inputs = chunk.TrialInputs.of(plan, 0, state.params)
   order_N = jnp.arange(len(splits.train_labels), dtype=jnp.int32)
-  return jax.make_jaxpr(lambda *a: chunk(*a, num_steps=num_steps))(
+  return jax.make_jaxpr(lambda *a: chunk_fn(*a, num_steps=num_steps))(
       state, order_N, arrays, inputs, np.int32(num_steps)).jaxpr
 
 
 def test_the_epoch_order_is_shuffled_only_when_an_epoch_starts():
-  """The chunk takes the epoch's order and returns it (train.CarriedOrder holds it between
+  """The chunk takes the epoch's order and returns it (chunk.CarriedOrder holds it between
   chunks): the shuffle of all N indices (a sort) happens only in the epoch-start cond, not at
   every chunk's start, where on full MNIST it cost as much as ~8 steps at B = 16."""
   assert _count(_chunk_jaxpr(4), "sort") == (0, 1)
@@ -194,8 +194,8 @@ def test_unrolled_steps_are_not_inside_a_cond():
   outside, inside = _count(_chunk_jaxpr(3, chunk_unroll=True), "dot_general")
   assert inside == 0 and outside > 0 and outside % 3 == 0
   config = tiny_config(chunk_unroll=True, chunk_steps=4)
-  spec = train.LoopSpec.of(config, train.schedule.make_plan(config, 1000), "", 1)
+  spec = loop.LoopSpec.of(config, schedule.make_plan(config, 1000), "", 1)
   assert [spec.chunk_length(n) for n in (1, 3, 4)] == [1, 3, 4]
   rolled = tiny_config(chunk_steps=4)
-  spec = train.LoopSpec.of(rolled, train.schedule.make_plan(rolled, 1000), "", 1)
+  spec = loop.LoopSpec.of(rolled, schedule.make_plan(rolled, 1000), "", 1)
   assert [spec.chunk_length(n) for n in (1, 3, 4)] == [4, 4, 4]   # one program for every length

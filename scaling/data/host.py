@@ -1,6 +1,6 @@
 """Training data that stays on the host: each process reads its rows of every global batch.
 
-The device path (train.train_chunk) replicates the whole training set on every device, which is
+The device path (chunk.train_chunk) replicates the whole training set on every device, which is
 fast while it is small. A set larger than `dataset.device_fraction` of a device's memory (or
 `dataset.placement="host"`) stays in its TFDS array_record files instead: a background thread
 reads, by random access, the rows of each step's global batch that this process's devices hold
@@ -98,9 +98,9 @@ _epoch_order_jit = jax.jit(epoch_order, static_argnums=2)
 
 def scan_steps(state, inputs, images_KxBxX, labels_KxB, *, step_fn, end_metrics, pixel_scale,
                unroll):
-  """K training steps on K placed batches in one scan: the host path's train.train_chunk, with
+  """K training steps on K placed batches in one scan: the host path's chunk.train_chunk, with
   the same outputs (state, per-step metrics, end_metrics after the last step). `inputs` is
-  train.TrialInputs (peak LR, augmentation key, initial parameters)."""
+  chunk.TrialInputs (peak LR, augmentation key, initial parameters)."""
   def body(state, batch):
     images_BxX, labels_B = batch
     return step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B,

@@ -52,5 +52,10 @@ def check_microbatch(model_config, microbatch_size: int) -> None:
         f" divisor of {microbatch_size}, or 0 for BN over the whole microbatch")
 
 
+def context_length(model_config) -> int:
+  """Tokens per example: the Transformer's context length; 0 for the image models."""
+  return model_config.context_length if model_config.name == "transformer" else 0
+
+
 def parameter_count(params) -> int:
   return int(sum(p.size for p in jax.tree.leaves(params)))

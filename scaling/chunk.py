@@ -1,0 +1,126 @@
+"""The compiled training chunk: `num_active` of `num_steps` training steps in one program, on the
+device-resident training set, each batch gathered on the devices from the epoch's order.
+
+`TrialInputs` are the chunk's runtime inputs (what differs between trials of an LR grid or of
+several seeds), so those trials share one compilation; `CarriedOrder` keeps the epoch's order
+between chunks. scaling/data/host.py's `HostChunk` stands in for the chunk when the training set
+is read on the host; scaling/vectorized.py vmaps it over trials.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+
+from scaling import data, noise_scale, schedule, sharding, step as steplib
+
+
+epoch_order = data.host.epoch_order   # one order for both placements of the training set
+
+
+def gather_examples(arrays, idx_B, data_key, epoch, *, pixel_scale):
+  """Examples idx_B of the device-resident (images, labels) -> a float batch."""
+  del data_key, epoch   # the order alone decides an image batch
+  images_NxX, labels_N = arrays
+  return images_NxX[idx_B].astype(jnp.float32) * pixel_scale, labels_N[idx_B]
+
+
+@flax.struct.dataclass
+class TrialInputs:
+  """What differs between the trials of an LR grid or of several seeds without changing a shape:
+  arguments of the compiled chunk, not constants baked into it, so those trials share one
+  compilation (in-process and in the persistent cache)."""
+  peak_lr: jax.Array       # float32 scalar: plan.lr; the step scales the schedule's shape by it
+  data_key: jax.Array      # each epoch's order
+  augment_key: jax.Array   # the augmentations (folded with the step)
+  init_params: object      # the initial parameters: the distance from them is logged
+
+  @classmethod
+  def of(cls, plan: schedule.Plan, seed: int, init_params) -> "TrialInputs":
+    return cls(peak_lr=jnp.float32(plan.lr), data_key=jax.random.PRNGKey(seed + 1_000_003),
+               augment_key=jax.random.PRNGKey(seed + 2_000_003), init_params=init_params)
+
+
+def chunk_end_metrics(params, init_params) -> dict:
+  """Measured once per chunk (the loop ends a chunk at every log record): the parameter norm and
+  the distance from the initial parameters (Hoffer et al. 2017: it grows like log(steps))."""
+  return {"param_norm": steplib.param_norm(params),
+          "param_distance_from_init": jnp.sqrt(noise_scale.sq_norm(
+              jax.tree.map(jnp.subtract, params, init_params)))}
+
+
+def train_chunk(state, order_N, arrays, inputs: TrialInputs, num_active, *, num_steps,
+                num_examples, batch_size, steps_per_epoch, gather, step_fn, shard_batch, unroll):
+  """The first `num_active` (a runtime count, at most `num_steps`) of `num_steps` training steps,
+  in one program: the shorter chunks at the end of a segment or before a log record reuse the
+  compiled chunk instead of compiling one per length. `gather` (per data kind: `gather_examples`,
+  `data.text.gather_windows`) builds each batch on the devices from the epoch's order.
+
+  `order_N` is the order of the epoch `state.step` is in (CarriedOrder holds it between chunks);
+  a step that starts an epoch makes the next one. Recomputing it at every chunk's start instead
+  cost as much as ~8 steps at B = 16 on full MNIST (a shuffle of 55,000 indices).
+
+  Returns the state, the order, the per-step metrics [num_steps] (zeros past num_active) and
+  chunk_end_metrics after the last step.
+  Rolled (`unroll` false): a loop of num_active iterations. Unrolled (XLA:CPU's convolutions are
+  ~10x slower in loops): all num_steps steps, with no lax.cond around them (a step inside a cond
+  is as slow as in a loop: 12x for the CNN's step, measured), so the caller passes num_steps =
+  num_active (LoopSpec.chunk_length): one program per distinct length, at most chunk_steps.
+  """
+  n, data_key = num_examples, inputs.data_key
+
+  def one_step(state, order_N):
+    pos = state.step % steps_per_epoch
+    order_N = jax.lax.cond(pos == 0, lambda: epoch_order(data_key, state.step // steps_per_epoch, n),
+                           lambda: order_N)
+    # Each device gathers only its own slice of the batch.
+    idx_B = shard_batch(jax.lax.dynamic_slice_in_dim(order_N, pos * batch_size, batch_size))
+    inputs_BxX, targets_B = gather(arrays, idx_B, data_key, state.step // steps_per_epoch)
+    state, metrics = step_fn(state, inputs_BxX, targets_B, inputs.augment_key, inputs.peak_lr)
+    return state, order_N, metrics
+
+  zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype),
+                       jax.eval_shape(one_step, state, order_N)[2])
+  metrics_K = jax.tree.map(lambda z: jnp.zeros((num_steps, *z.shape), z.dtype), zeros)
+
+  def body(i, carry):
+    state, order_N, metrics_K = carry
+    state, order_N, metrics = one_step(state, order_N)
+    return state, order_N, jax.tree.map(lambda buf, m: buf.at[i].set(m), metrics_K, metrics)
+
+  carry = (state, order_N, metrics_K)
+  if unroll:
+    for i in range(num_steps):
+      carry = body(i, carry)
+  else:
+    carry = jax.lax.fori_loop(0, num_active, body, carry)
+  state, order_N, metrics_K = carry
+  return state, order_N, metrics_K, chunk_end_metrics(state.params, inputs.init_params)
+
+
+class CarriedOrder:
+  """A jitted chunk (`chunk(state, order, *args, num_steps=...)` -> (state, order, ...)) called
+  as `chunk(state, *args, num_steps=...)` -> (state, ...): the epoch's order lives here between
+  calls, in the buffers the previous chunk returned, and is computed only at the first call (a
+  start or a resume) by `initial_order(state, *args)`."""
+
+  def __init__(self, chunk, initial_order):
+    self._chunk, self._initial_order, self._order = chunk, initial_order, None
+
+  def _current(self, state, args):
+    if self._order is None:
+      self._order = self._initial_order(state, *args)
+    return self._order
+
+  def __call__(self, state, *args, num_steps: int):
+    state, self._order, *out = self._chunk(state, self._current(state, args), *args,
+                                           num_steps=num_steps)
+    return (state, *out)
+
+  def lower(self, state, *args, num_steps: int):
+    return self._chunk.lower(state, self._current(state, args), *args, num_steps=num_steps)
+
+
+def initial_order(steps_per_epoch, num_examples, mesh):
+  """(state, arrays, inputs, ...) -> the order of the epoch state.step is in, replicated."""
+  order = jax.jit(lambda key, step: epoch_order(key, step // steps_per_epoch, num_examples),
+                  out_shardings=sharding.replicated(mesh))
+  return lambda state, arrays, inputs, *_: order(inputs.data_key, state.step)
