@@ -97,6 +97,42 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
+def evaluate_and_record(spec: LoopSpec, book, writer, state, step: int, rate: float, *, evaluate,
+                        measure_curvature, save, cost) -> None:
+  """The evaluation at `step` and what hangs on it: the target (and the noise scale there), the
+  curvature on its schedule, a checkpoint on its schedule, the flushed metrics and summary.json.
+  Shared by train_loop and vectorized's members (each with its own book, writer and cost)."""
+  B, T = spec.batch_size, spec.tokens_per_example
+  results = evaluate(state)
+  writer.write(step, results)
+  newly_reached = bookkeeping.record_eval(book, step, B, results, T)
+  if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
+    book["target"]["at"] = {"wall_time": writer.elapsed(),
+                            **bookkeeping.noise_metrics(book["noise"])}
+  if spec.stop_at_target and book["target"]["reached"]:
+    book["status"] = "done"
+  finishing = step == spec.total_steps or book["status"] == "done"
+  if measure_curvature and (finishing or newly_reached or crossed(
+      step, book["last_curvature_step"], spec.curvature_every_steps)):
+    results = measure_curvature(state, step, step_seconds=B / rate,
+                                density=finishing and spec.curvature_density,
+                                top_only=spec.curvature_top_only and not (
+                                    finishing or newly_reached))
+    density = results.pop("curvature/density", None)
+    if density and jax.process_index() == 0:
+      np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
+    book["curvature"], book["last_curvature_step"] = results, step
+    if newly_reached:
+      book["target"]["at"].update(results)
+    writer.write(step, results)
+  if crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
+    save(state, step)
+  book["elapsed"] = writer.elapsed()
+  writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
+  write_json(os.path.join(spec.workdir, "summary.json"),
+             bookkeeping.summary(book, step, B, T, cost))
+
+
 def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
                 measure_curvature, train_data):
   """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
@@ -168,32 +204,8 @@ def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
           break
         step = segment_end
       if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
-        results = evaluate(state)
-        writer.write(step, results)
-        newly_reached = bookkeeping.record_eval(book, step, B, results, T)
-        if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
-          book["target"]["at"] = {"wall_time": writer.elapsed(), **bookkeeping.noise_metrics(book["noise"])}
-        if spec.stop_at_target and book["target"]["reached"]:
-          book["status"] = "done"
-        finishing = step == spec.total_steps or book["status"] == "done"
-        if measure_curvature and (finishing or newly_reached or crossed(
-            step, book["last_curvature_step"], spec.curvature_every_steps)):
-          results = measure_curvature(state, step, step_seconds=B / rate,
-                                      density=finishing and spec.curvature_density,
-                                      top_only=spec.curvature_top_only and not (
-                                          finishing or newly_reached))
-          density = results.pop("curvature/density", None)
-          if density and jax.process_index() == 0:
-            np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
-          book["curvature"], book["last_curvature_step"] = results, step
-          if newly_reached:
-            book["target"]["at"].update(results)
-          writer.write(step, results)
-        if crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
-          save(state, step)
-        book["elapsed"] = writer.elapsed()
-        writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-        write_json(summary_path, bookkeeping.summary(book, step, B, T, chunk_fn))
+        evaluate_and_record(spec, book, writer, state, step, rate, evaluate=evaluate,
+                            measure_curvature=measure_curvature, save=save, cost=chunk_fn)
       # Every process stops together; a run that just finished (or stopped at its target) is done.
       if ((stopping or stop.requested(step)) and book["status"] == "running"
           and step < spec.total_steps):

@@ -267,37 +267,11 @@ def _measure_curvature(shared: Shared, m: Member, state, step: int, **kwargs) ->
 
 
 def _evaluate_member(shared: Shared, m: Member, state, step: int, rate: float) -> None:
-  """loop.train_loop's evaluation block for one member."""
-  spec, book, writer = m.spec, m.book, m.writer
-  B, T = spec.batch_size, spec.tokens_per_example
-  results = shared.evaluate(state)
-  writer.write(step, results)
-  newly_reached = bookkeeping.record_eval(book, step, B, results, T)
-  if newly_reached:
-    book["target"]["at"] = {"wall_time": writer.elapsed(),
-                            **bookkeeping.noise_metrics(book["noise"])}
-  if spec.stop_at_target and book["target"]["reached"]:
-    book["status"] = "done"
-  finishing = step == spec.total_steps or book["status"] == "done"
-  if shared.measure and (finishing or newly_reached or loop.crossed(
-      step, book["last_curvature_step"], spec.curvature_every_steps)):
-    results = _measure_curvature(shared, m, state, step, step_seconds=B / rate,
-                                 density=finishing and spec.curvature_density,
-                                 top_only=spec.curvature_top_only and not (
-                                     finishing or newly_reached))
-    density = results.pop("curvature/density", None)
-    if density and jax.process_index() == 0:
-      np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
-    book["curvature"], book["last_curvature_step"] = results, step
-    if newly_reached:
-      book["target"]["at"].update(results)
-    writer.write(step, results)
-  if loop.crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
-    _save(m, state, step)
-  book["elapsed"] = writer.elapsed()
-  writer.flush()
-  write_json(os.path.join(spec.workdir, "summary.json"),
-             bookkeeping.summary(book, step, B, T, m.cost))
+  """loop.evaluate_and_record for one member: its book, writer, cost, key and warm start."""
+  loop.evaluate_and_record(
+      m.spec, m.book, m.writer, state, step, rate, evaluate=shared.evaluate,
+      measure_curvature=shared.measure and functools.partial(_measure_curvature, shared, m),
+      save=functools.partial(_save, m), cost=m.cost)
 
 
 def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> None:
