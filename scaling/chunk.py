@@ -40,15 +40,27 @@ class TrialInputs:
 
 
 def chunk_end_metrics(params, init_params) -> dict:
-  """Measured once per chunk (the loop ends a chunk at every log record): the parameter norm and
-  the distance from the initial parameters (Hoffer et al. 2017: it grows like log(steps))."""
+  """The parameter norm and the distance from the initial parameters (Hoffer et al. 2017: it
+  grows like log(steps)), for the train record a chunk ends at (`record_end_metrics`)."""
   return {"param_norm": steplib.param_norm(params),
           "param_distance_from_init": jnp.sqrt(noise_scale.sq_norm(
               jax.tree.map(jnp.subtract, params, init_params)))}
 
 
+def record_end_metrics(step, params, init_params, *, log_every_steps: int, total_steps: int):
+  """chunk_end_metrics after a chunk whose last step (`step` steps done) writes a train record
+  (bookkeeping.log_train: every log_every_steps and the last step; the loop ends a chunk at each),
+  zeros after any other chunk, whose end metrics nothing reads. In a cond: computed after every
+  4-step chunk they cost ~3% of the CNN's chunk at B = 32 on XLA:CPU (benchmarks/README.md)."""
+  at_record = (step % log_every_steps == 0) | (step == total_steps)
+  shapes = jax.eval_shape(chunk_end_metrics, params, init_params)
+  return jax.lax.cond(at_record, lambda: chunk_end_metrics(params, init_params),
+                      lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
 def train_chunk(state, order_N, arrays, inputs: TrialInputs, num_active, *, num_steps,
-                num_examples, batch_size, steps_per_epoch, gather, step_fn, shard_batch, unroll):
+                num_examples, batch_size, steps_per_epoch, gather, step_fn, end_metrics,
+                shard_batch, unroll):
   """The first `num_active` (a runtime count, at most `num_steps`) of `num_steps` training steps,
   in one program: the shorter chunks at the end of a segment or before a log record reuse the
   compiled chunk instead of compiling one per length. `gather` (per data kind: `gather_examples`,
@@ -59,7 +71,7 @@ def train_chunk(state, order_N, arrays, inputs: TrialInputs, num_active, *, num_
   cost as much as ~8 steps at B = 16 on full MNIST (a shuffle of 55,000 indices).
 
   Returns the state, the order, the per-step metrics [num_steps] (zeros past num_active) and
-  chunk_end_metrics after the last step.
+  `end_metrics(step, params, init_params)` after the last step (record_end_metrics).
   Rolled (`unroll` false): a loop of num_active iterations. Unrolled (XLA:CPU's convolutions are
   ~10x slower in loops): all num_steps steps, with no lax.cond around them (a step inside a cond
   is as slow as in a loop: 12x for the CNN's step, measured), so the caller passes num_steps =
@@ -93,7 +105,7 @@ def train_chunk(state, order_N, arrays, inputs: TrialInputs, num_active, *, num_
   else:
     carry = jax.lax.fori_loop(0, num_active, body, carry)
   state, order_N, metrics_K = carry
-  return state, order_N, metrics_K, chunk_end_metrics(state.params, inputs.init_params)
+  return state, order_N, metrics_K, end_metrics(state.step, state.params, inputs.init_params)
 
 
 class CarriedOrder:

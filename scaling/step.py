@@ -205,8 +205,11 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
       sums, _ = jax.lax.scan(
           lambda carry, i: (microbatches(carry, take(images_LxX, i), take(labels_L, i)), None),
           zeros, jnp.arange(mb.accumulation_steps))
-    # check_vma=False below: everything stays per-device until this explicit all-reduce.
-    sums = jax.lax.psum(sums, axis)
+    # check_vma=False below: everything stays per-device until this explicit all-reduce. On a
+    # one-device mesh XLA:CPU still runs the all-reduce, a copy of every gradient: ~3% of the
+    # CNN's step at B = 32 (benchmarks/README.md).
+    if mesh.shape[axis] > 1:
+      sums = jax.lax.psum(sums, axis)
     grads, small_grad_sq, big_grad_sq = noise_scale.finish_group_grad_stats(
         sums["grad"], sums["grad_sq"], mb.groups)
     if mb.groups == 1:

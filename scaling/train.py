@@ -213,13 +213,19 @@ def step_function(config, plan, model, mesh):
       crop_padding=config.augment.crop_padding, flip=config.augment.flip)
 
 
+def end_metrics(plan):
+  """The chunk's end metrics (step, params, init_params) -> dict, measured at train records."""
+  return functools.partial(chunklib.record_end_metrics, log_every_steps=plan.log_every_steps,
+                           total_steps=plan.total_steps)
+
+
 def chunk_function(config, plan, splits, mesh, gather, step_fn):
   """chunk.train_chunk(state, order_N, arrays, inputs, num_active, *, num_steps) of this trial's
   data and step (device-resident training data), not yet jitted."""
   return functools.partial(chunklib.train_chunk, num_examples=len(splits.train_labels),
                            batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
-                           gather=gather, step_fn=step_fn, unroll=config.chunk_unroll,
-                           shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
+                           gather=gather, step_fn=step_fn, end_metrics=end_metrics(plan),
+                           unroll=config.chunk_unroll, shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
 
 
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None,
@@ -255,7 +261,7 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
     chunk = data.host.HostChunk(
         splits.train_source, inputs.data_key, mesh, batch_size=config.batch_size,
         steps_per_epoch=plan.steps_per_epoch, start_step=step, chunk_steps=config.chunk_steps,
-        step_fn=step_fn, end_metrics=chunklib.chunk_end_metrics, pixel_scale=splits.pixel_scale,
+        step_fn=step_fn, end_metrics=end_metrics(plan), pixel_scale=splits.pixel_scale,
         unroll=config.chunk_unroll)
     train_data = (inputs,)
   else:

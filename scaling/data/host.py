@@ -106,7 +106,7 @@ def scan_steps(state, inputs, images_KxBxX, labels_KxB, *, step_fn, end_metrics,
     return step_fn(state, images_BxX.astype(jnp.float32) * pixel_scale, labels_B,
                    inputs.augment_key, inputs.peak_lr)
   state, metrics_K = jax.lax.scan(body, state, (images_KxBxX, labels_KxB), unroll=unroll)
-  return state, metrics_K, end_metrics(state.params, inputs.init_params)
+  return state, metrics_K, end_metrics(state.step, state.params, inputs.init_params)
 
 
 class HostChunk:
