@@ -20,8 +20,9 @@ for the hand-written loops; the framework's warmup is off and its LR rule 'none'
   T1  PyTorch as tutorials show it: TensorDataset of float32 host tensors + DataLoader(shuffle=True,
       drop_last=True), each batch moved `.to(device)`, zero_grad / backward / SGD(momentum) step.
   T2  PyTorch with the uint8 data on the device and a manual per-epoch `randperm` + index per batch.
-T1 and T2 run only when `import torch` works: PyTorch is an optional benchmark dependency, never in
-requirements.txt (`pip install torch`). Every method times `--segments` segments of the same number
+T1 and T2 run only when PyTorch is installed: an optional benchmark dependency, never in
+requirements.txt (`pip install torch`). Each runs in a child process of its own: imported into this
+one, PyTorch slowed XLA:CPU's F and J by 1.2-1.9x on the 2-core machine of benchmarks/README.md. Every method times `--segments` segments of the same number
 of steps (about --segment_examples examples, a multiple of chunk_steps), synchronises at the end of
 each, and reports the median examples/s of all but the first.
 
@@ -41,8 +42,11 @@ nothing: compare numbers within one run, on a quiet machine.
 import argparse
 import contextlib
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -68,11 +72,9 @@ try:   # The framework trial needs the whole stack (TFDS, tensorboardX, ...); J 
 except ImportError as error:
   FRAMEWORK_ERROR = f"{type(error).__name__}: {error}"
 
-try:
-  import torch
-  TORCH_ERROR = None
-except ImportError as error:
-  torch, TORCH_ERROR = None, f"{type(error).__name__}: {error}"
+# PyTorch is found, not imported: T1 and T2 import it in their own process (torch_in_child).
+TORCH_VERSION = (importlib.metadata.version("torch") if importlib.util.find_spec("torch")
+                 else None)
 
 IMPORT_SECONDS = time.perf_counter() - _START
 LR, MOMENTUM = 0.01, 0.9
@@ -257,6 +259,7 @@ class _ModelConfig:
 # ------------------------------------------------------------------------------------ T: PyTorch
 
 def torch_model(model_name):
+  import torch
   nn = torch.nn
   if model_name == "mlp":
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
@@ -268,6 +271,7 @@ def torch_model(model_name):
 
 
 def torch_loop(model_name, batch_size, dataset, args, manual):
+  import torch
   (train_x, train_y), _, _ = dataset
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
@@ -306,7 +310,14 @@ def torch_loop(model_name, batch_size, dataset, args, manual):
       optimizer.step()
     loss.item()   # waits for the device
     per_segment.append(steps * batch_size / (time.perf_counter() - start))
-  return {"examples_per_sec": steady_rate(per_segment), "segments": per_segment}
+  return {"examples_per_sec": steady_rate(per_segment), "segments": per_segment,
+          "torch_settings": torch_settings()}
+
+
+def torch_in_child(model_name, batch_size, dataset, args, manual):
+  """torch_loop in a fresh (spawned) process, which imports PyTorch; this one never does."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(torch_loop, (model_name, batch_size, dataset, args, manual))
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -362,15 +373,16 @@ def write_json(args, rows, mfu):
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-               "jax": jax.__version__, "torch": torch.__version__ if torch else None,
-               "torch_settings": torch_settings(), "import_s": IMPORT_SECONDS, "args": vars(args),
+               "jax": jax.__version__, "torch": TORCH_VERSION,
+               "torch_settings": next((r[m]["torch_settings"] for r in rows for m in ("T1", "T2")
+                                       if "torch_settings" in r.get(m, {})), None),
+               "import_s": IMPORT_SECONDS, "args": vars(args),
                "rows": rows, "mfu": mfu, "framework_error": FRAMEWORK_ERROR}, f, indent=1)
 
 
 def torch_settings():
   """What PyTorch does with float32 by default on this machine (TF32 is off for matmuls)."""
-  if not torch:
-    return None
+  import torch
   return {"cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
           "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
@@ -415,18 +427,16 @@ def main(argv=None):
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   methods = args.methods.split(",")
   print(f"backend {jax.default_backend()}: {jax.devices()[0].device_kind}; jax {jax.__version__};"
-        f" torch {torch.__version__ if torch else 'absent (' + TORCH_ERROR + ')'};"
+        f" torch {TORCH_VERSION or 'absent (T1, T2 skipped)'} (in child processes);"
         f" imports {IMPORT_SECONDS:.1f}s", flush=True)
-  if torch:
-    print(f"torch settings: {torch_settings()}", flush=True)
   if FRAMEWORK_ERROR:
     print(f"framework trial (F) skipped: {FRAMEWORK_ERROR}", flush=True)
   dataset = random_data(args.train_size, args.eval_size, 2 * args.eval_size)
   runners = {
       "F": None if FRAMEWORK_ERROR else run_framework,
       "J": jax_loop,
-      "T1": torch and functools.partial(torch_loop, manual=False),
-      "T2": torch and functools.partial(torch_loop, manual=True),
+      "T1": TORCH_VERSION and functools.partial(torch_in_child, manual=False),
+      "T2": TORCH_VERSION and functools.partial(torch_in_child, manual=True),
   }
   rows = []
   for model_name in model_names:
