@@ -15,8 +15,8 @@ for the hand-written loops; the framework's warmup is off and its LR rule 'none'
       the trial's whole wall time: data placement, state init, compilation, evaluations and the
       final checkpoint (the process's imports are printed once, separately).
   J   a minimal hand-written loop: `jax.jit` of a `lax.scan` over `chunk_steps` steps, the data on
-      the device, a per-epoch permutation and a gather per batch (as the framework does), the same
-      model and optax optimizer, the loss fetched once per segment.
+      the device, a per-epoch permutation (carried between chunks) and a gather per batch (as the
+      framework does), the same model and optax optimizer, the loss fetched once per segment.
   T1  PyTorch as tutorials show it: TensorDataset of float32 host tensors + DataLoader(shuffle=True,
       drop_last=True), each batch moved `.to(device)`, zero_grad / backward / SGD(momentum) step.
   T2  PyTorch with the uint8 data on the device and a manual per-epoch `randperm` + index per batch.
@@ -36,8 +36,10 @@ utilisation (MFU) against that peak. On GPUs XLA's default float32 precision use
 and convolutions (PyTorch's default: TF32 for convolutions only), so the peak to use there is
 TF32's (benchmarks/gpu.sh measures both precisions on a matmul first).
 
-Prints one table with the ratios F/J, F/T1, F/T2 and writes everything as JSON to --out. Asserts
-nothing: compare numbers within one run, on a quiet machine.
+Every row runs its methods `--repeats` times, interleaved (F J T1 T2, F J T1 T2, ...): a method's
+rate is the median over repeats, and F/J, F/T1, F/T2 are medians of the ratios within each repeat
+(`paired_ratio`: a shared machine's speed drifts over minutes). Prints one table and writes
+everything as JSON to --out. Asserts nothing: compare numbers within one run.
 """
 import argparse
 import contextlib
@@ -190,7 +192,7 @@ def jax_loop(model_name, batch_size, dataset, args):
   def epoch_order(key, epoch):
     return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
-  def chunk(params, opt_state, step, images_NxX, labels_N, key):
+  def chunk(params, opt_state, step, order_N, images_NxX, labels_N, key):
     def body(carry, _):
       params, opt_state, step, order_N = carry
       pos = step % steps_per_epoch
@@ -201,26 +203,31 @@ def jax_loop(model_name, batch_size, dataset, args):
       params, opt_state, loss = sgd_step(params, opt_state, images_BxX, labels_N[idx_B])
       return (params, opt_state, step + 1, order_N), loss
 
-    carry = (params, opt_state, step, epoch_order(key, step // steps_per_epoch))
-    (params, opt_state, step, _), losses_K = jax.lax.scan(
-        body, carry, None, length=args.chunk_steps, unroll=unroll_for(model_name, args))
-    return params, opt_state, step, losses_K
+    # The epoch's order is carried from chunk to chunk, shuffled only when an epoch starts (as
+    # the framework's chunk.CarriedOrder does): a permutation of the whole training set at every
+    # chunk's start would cost J as much as ~8 steps at small batches.
+    (params, opt_state, step, order_N), losses_K = jax.lax.scan(
+        body, (params, opt_state, step, order_N), None, length=args.chunk_steps,
+        unroll=unroll_for(model_name, args))
+    return params, opt_state, step, order_N, losses_K
 
   images, labels = jax.device_put(train_x), jax.device_put(train_y)
   key = jax.random.PRNGKey(1)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)["params"]
   opt_state = optimizer.init(params)
   step = jnp.zeros((), jnp.int32)
+  order_N = jax.jit(epoch_order)(key, 0)
   start = time.perf_counter()
-  chunk_fn = jax.jit(chunk, donate_argnums=(0, 1)).lower(
-      params, opt_state, step, images, labels, key).compile()
+  chunk_fn = jax.jit(chunk, donate_argnums=(0, 1, 3)).lower(
+      params, opt_state, step, order_N, images, labels, key).compile()
   compile_s = time.perf_counter() - start
 
   per_segment = []
   for _ in range(args.segments):
     start, losses = time.perf_counter(), []
     for _ in range(steps // args.chunk_steps):
-      params, opt_state, step, losses_K = chunk_fn(params, opt_state, step, images, labels, key)
+      params, opt_state, step, order_N, losses_K = chunk_fn(params, opt_state, step, order_N,
+                                                            images, labels, key)
       losses.append(losses_K)
     jax.device_get(losses)      # the framework fetches its per-step metrics once per segment too
     per_segment.append(steps * batch_size / (time.perf_counter() - start))
@@ -322,8 +329,15 @@ def torch_in_child(model_name, batch_size, dataset, args, manual):
 
 # ------------------------------------------------------------------------------------- the table
 
-def ratio(a, b):
-  return a / b if a and b else None
+def paired_ratio(runs, a, b):
+  """Median over repeats of (a's rate / b's rate) within each repeat. This machine's speed drifts
+  by up to 3x over minutes (other tenants of its host: 15% CPU steal seen): methods run one
+  after another, so a ratio of rates measured in one repeat, minutes apart at most, is what can be
+  compared; the median of several repeats drops a repeat that a slow spell split."""
+  pairs = [ra.get("examples_per_sec") and rb.get("examples_per_sec")
+           and ra["examples_per_sec"] / rb["examples_per_sec"]
+           for ra, rb in zip(runs.get(a, []), runs.get(b, []))]
+  return statistics.median(pairs) if pairs and all(pairs) else None
 
 
 def fmt(x, spec):
@@ -404,6 +418,8 @@ def parse_args(argv=None):
                  help="steps per dispatch (one lax.scan), for F and J alike (default 16)")
   p.add_argument("--unroll", choices=("auto", "true", "false"), default="auto",
                  help="unroll the scan (auto: for the CNN on CPU, as configs/mnist.py)")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="every method of a row this many times, interleaved (default 3, --tiny 1)")
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="the chip's peak TFLOP/s for the MFU (0 = report TFLOP/s only)")
   p.add_argument("--out", default="", help="write the results as JSON to this file")
@@ -412,9 +428,9 @@ def parse_args(argv=None):
                  help="seconds: the MLP, 256 train examples, batch 16, 3 segments of 2 steps")
   args = p.parse_args(argv)
   defaults = (dict(models="mlp", batch_sizes="16", train_size=256, eval_size=64,
-                   segment_examples=1, segments=3, chunk_steps=2) if args.tiny else
+                   segment_examples=1, segments=3, chunk_steps=2, repeats=1) if args.tiny else
               dict(models="mlp,cnn", batch_sizes="32,128,1024,8192", train_size=60000,
-                   eval_size=5000, segment_examples=30000, segments=5, chunk_steps=16))
+                   eval_size=5000, segment_examples=30000, segments=5, chunk_steps=16, repeats=3))
   for name, value in defaults.items():   # what the command line gives wins, --tiny or not
     if getattr(args, name) is None:
       setattr(args, name, value)
@@ -442,22 +458,25 @@ def main(argv=None):
   for model_name in model_names:
     for batch_size in batch_sizes:
       row = {"model": model_name, "batch_size": batch_size}
-      for method in methods:
-        if not runners.get(method):
-          continue
-        start = time.perf_counter()
-        try:
-          row[method] = runners[method](model_name, batch_size, dataset, args)
-        except Exception as error:   # one failing method (e.g. out of memory) is a row entry
-          row[method] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        row[method]["seconds"] = time.perf_counter() - start
-        print(f"  {model_name} B={batch_size} {method}: "
-              + (fmt(row[method].get("examples_per_sec"), ",.0f") + " examples/s"
-                 if "error" not in row[method] else row[method]["error"])
-              + f" ({row[method]['seconds']:.1f}s)", flush=True)
-      rate = lambda m: (row.get(m) or {}).get("examples_per_sec")
-      row.update({"F/J": ratio(rate("F"), rate("J")), "F/T1": ratio(rate("F"), rate("T1")),
-                  "F/T2": ratio(rate("F"), rate("T2"))})
+      runs = {m: [] for m in methods if runners.get(m)}
+      for repeat in range(args.repeats):   # F J T1 T2, F J T1 T2, ...: see paired_ratio
+        for method in runs:
+          start = time.perf_counter()
+          try:
+            result = runners[method](model_name, batch_size, dataset, args)
+          except Exception as error:   # one failing method (e.g. out of memory) is a row entry
+            result = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+          result["seconds"] = time.perf_counter() - start
+          runs[method].append(result)
+          print(f"  {model_name} B={batch_size} {method} #{repeat + 1}: "
+                + (fmt(result.get("examples_per_sec"), ",.0f") + " examples/s"
+                   if "error" not in result else result["error"])
+                + f" ({result['seconds']:.1f}s)", flush=True)
+      for method, results in runs.items():
+        rates = [r.get("examples_per_sec") for r in results]
+        row[method] = {**results[0], "repeats": rates,
+                       "examples_per_sec": statistics.median(rates) if all(rates) else None}
+      row.update({f"F/{m}": paired_ratio(runs, "F", m) for m in ("J", "T1", "T2")})
       rows.append(row)
       write_json(args, rows, [])   # after every row: a run cut short keeps what it measured
   print_table(rows)

@@ -53,3 +53,17 @@ def test_bench_vmap_tiny_prints_its_table(tmp_path):
   (row,) = json.loads(out.read_text())["rows"]
   assert (row["sweep"], row["batch_size"], row["trials"], row["statuses"]) == ("tiny", 16, 4, ["done"])
   assert row["V/S trials"] == row["V_trials_per_hour"] / row["S_trials_per_hour"] > 0
+
+
+def test_bench_kernels_tiny_prints_its_table(tmp_path):
+  out = tmp_path / "kernels.json"
+  result = subprocess.run(
+      [sys.executable, "benchmarks/bench_kernels.py", "--tiny", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("kernel") and "J/T" in line)
+  assert [line.split()[0] for line in lines[header + 1:header + 6]] == [
+      "model/mlp", "model/cnn", "conv1", "conv2", "dense1"]
+  rows = json.loads(out.read_text())["rows"]
+  assert len(rows) == 5 and all(r["batch_size"] == 8 and r["jax_ms"] > 0 for r in rows)

@@ -126,12 +126,15 @@ def _temp_bytes(model, batch, groups, accumulation):
 
 def test_accumulation_memory_is_flat_in_the_number_of_microbatches():
   """XLA's compiled memory analysis (buffers besides arguments and outputs), microbatch 256.
-  Measured on XLA:CPU: K=4 and K=16 both ~4.0 MB; one batch of 256/1024/4096 2.7/8.4/33.6 MB."""
+  Measured on XLA:CPU: K=4 and K=16 both ~4.0 MB; one batch of 256 1.6 MB (2.7 MB while the
+  one-device step still ran an all-reduce, a copy of the gradients), of 4096 ~33 MB."""
   model, micro = MLP((512, 512), 10, False), 256
   accumulated = {k: _temp_bytes(model, micro * k, k, k) for k in (4, 16)}
   plain = {k: _temp_bytes(model, micro * k, 1, 1) for k in (1, 16)}
+  param_bytes = 4 * (784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10)
   assert accumulated[16] < 1.1 * accumulated[4]         # flat in K
-  assert accumulated[16] < 2 * plain[1]                 # ~ one microbatch's worth (+ the sums)
+  # One microbatch's step and the scan's running gradient sum (one more set of gradients).
+  assert accumulated[16] < plain[1] + 1.25 * param_bytes
   assert plain[16] > 8 * plain[1]                       # grows with the batch without accumulation
 
 
