@@ -37,8 +37,8 @@ and convolutions (PyTorch's default: TF32 for convolutions only), so the peak to
 TF32's (benchmarks/gpu.sh measures both precisions on a matmul first).
 
 Every row runs its methods `--repeats` times, interleaved (F J T1 T2, F J T1 T2, ...): a method's
-rate is the median over repeats, and F/J, F/T1, F/T2 are medians of the ratios within each repeat
-(`paired_ratio`: a shared machine's speed drifts over minutes). Prints one table and writes
+rate is the median over repeats, and F/J, F/T1, F/T2 are medians of the ratios within each repeat,
+leaving out repeats with over 10% CPU steal (`paired_ratio`: a shared host's speed drifts). Prints one table and writes
 everything as JSON to --out. Asserts nothing: compare numbers within one run.
 """
 import argparse
@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from scaling import models  # noqa: E402
+from host_steal import STEAL_LIMIT, cpu_ticks, steal_share  # noqa: E402
 
 try:   # The framework trial needs the whole stack (TFDS, tensorboardX, ...); J and T do not.
   from configs import mnist as mnist_config
@@ -330,14 +331,17 @@ def torch_in_child(model_name, batch_size, dataset, args, manual):
 # ------------------------------------------------------------------------------------- the table
 
 def paired_ratio(runs, a, b):
-  """Median over repeats of (a's rate / b's rate) within each repeat. This machine's speed drifts
-  by up to 3x over minutes (other tenants of its host: 15% CPU steal seen): methods run one
-  after another, so a ratio of rates measured in one repeat, minutes apart at most, is what can be
-  compared; the median of several repeats drops a repeat that a slow spell split."""
-  pairs = [ra.get("examples_per_sec") and rb.get("examples_per_sec")
-           and ra["examples_per_sec"] / rb["examples_per_sec"]
-           for ra, rb in zip(runs.get(a, []), runs.get(b, []))]
-  return statistics.median(pairs) if pairs and all(pairs) else None
+  """Median over repeats of (a's rate / b's rate) within each repeat, over the repeats where
+  neither run lost more than STEAL_LIMIT of the CPUs to other guests (all repeats if none is that
+  clean). A shared host's speed drifts by up to 3x over minutes (up to 40% CPU steal seen here):
+  methods run one after another, so rates measured in one repeat, minutes apart at most, are what
+  can be compared, and the median drops a repeat that a slow spell split."""
+  pairs = [(ra["examples_per_sec"] / rb["examples_per_sec"],
+            max(ra.get("steal") or 0, rb.get("steal") or 0))
+           for ra, rb in zip(runs.get(a, []), runs.get(b, []))
+           if ra.get("examples_per_sec") and rb.get("examples_per_sec")]
+  clean = [r for r, steal in pairs if steal <= STEAL_LIMIT]
+  return statistics.median(clean or [r for r, _ in pairs]) if pairs else None
 
 
 def fmt(x, spec):
@@ -350,7 +354,7 @@ def fmt(x, spec):
 
 def print_table(rows):
   print(f"{'model':5} {'B':>5} | {'F ex/s':>9} {'J ex/s':>9} {'T1 ex/s':>9} {'T2 ex/s':>9} |"
-        f" {'F/J':>5} {'F/T1':>5} {'F/T2':>5} | {'F trial s':>9} {'J comp s':>8}")
+        f" {'F/J':>5} {'F/T1':>5} {'F/T2':>5} | {'F trial s':>9} {'J comp s':>8} {'steal':>5}")
   for r in rows:
     rate = lambda m: r[m]["examples_per_sec"] if r.get(m) else None
     print(f"{r['model']:5} {r['batch_size']:>5} |"
@@ -358,7 +362,8 @@ def print_table(rows):
           f" {fmt(rate('T1'), '9,.0f')} {fmt(rate('T2'), '9,.0f')} |"
           f" {fmt(r['F/J'], '5.2f')} {fmt(r['F/T1'], '5.2f')} {fmt(r['F/T2'], '5.2f')} |"
           f" {fmt((r.get('F') or {}).get('trial_wall_s'), '9.1f')}"
-          f" {fmt((r.get('J') or {}).get('compile_s'), '8.1f')}")
+          f" {fmt((r.get('J') or {}).get('compile_s'), '8.1f')}"
+          f" {fmt(max((s or 0 for m in ('F', 'J', 'T1', 'T2') for s in (r.get(m) or {}).get('steal', [])), default=None), '5.0%')}")
 
 
 def mfu_lines(rows, peak_tflops):
@@ -461,21 +466,25 @@ def main(argv=None):
       runs = {m: [] for m in methods if runners.get(m)}
       for repeat in range(args.repeats):   # F J T1 T2, F J T1 T2, ...: see paired_ratio
         for method in runs:
-          start = time.perf_counter()
+          start, cpu_before = time.perf_counter(), cpu_ticks()
           try:
             result = runners[method](model_name, batch_size, dataset, args)
           except Exception as error:   # one failing method (e.g. out of memory) is a row entry
             result = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
           result["seconds"] = time.perf_counter() - start
+          result["steal"] = steal_share(cpu_before, cpu_ticks())
           runs[method].append(result)
           print(f"  {model_name} B={batch_size} {method} #{repeat + 1}: "
                 + (fmt(result.get("examples_per_sec"), ",.0f") + " examples/s"
                    if "error" not in result else result["error"])
-                + f" ({result['seconds']:.1f}s)", flush=True)
+                + f" ({result['seconds']:.1f}s, steal {fmt(result['steal'], '.0%')})", flush=True)
       for method, results in runs.items():
         rates = [r.get("examples_per_sec") for r in results]
-        row[method] = {**results[0], "repeats": rates,
+        row[method] = {**results[0], "repeats": rates, "steal": [r["steal"] for r in results],
                        "examples_per_sec": statistics.median(rates) if all(rates) else None}
+        for key in ("trial_wall_s", "compile_s"):   # medians over the repeats too
+          if all(key in r for r in results):
+            row[method][key] = statistics.median(r[key] for r in results)
       row.update({f"F/{m}": paired_ratio(runs, "F", m) for m in ("J", "T1", "T2")})
       rows.append(row)
       write_json(args, rows, [])   # after every row: a run cut short keeps what it measured
