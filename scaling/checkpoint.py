@@ -54,13 +54,13 @@ def _quiet_orbax_about(record) -> bool:
 
 
 def _quiet_abandoned_reads(record) -> bool:
-  """A logging filter for asyncio: drops its "Task exception was never retrieved" report (with a
-  traceback) of an Orbax read of a damaged checkpoint that Orbax abandoned after the first
-  failed read; the fallback to an earlier checkpoint already warns in one line. Appears in ~1 of
-  10 restores of a damaged checkpoint, when the task is collected after the restore fails."""
+  """A logging filter for asyncio: drops its "Task (or Future) exception was never retrieved"
+  report (with a traceback) of a TensorStore read of a damaged checkpoint (DATA_LOSS) that Orbax
+  abandoned after the first failed read; the fallback to an earlier checkpoint already warns in
+  one line. Appears in ~1 of 10 restores of a damaged checkpoint, when the task or future is
+  collected after the restore failed."""
   text = record.getMessage()
-  return not ("Task exception was never retrieved" in text and "async_deserialize" in text
-              and "DATA_LOSS" in text)
+  return not ("exception was never retrieved" in text and "DATA_LOSS" in text)
 
 
 def _drop_closed_loop_noise(previous_hook):

@@ -346,6 +346,9 @@ def test_the_asyncio_filter_drops_only_abandoned_orbax_reads():
                "serialization/serialization.py:394> exception=ValueError('DATA_LOSS: Error"
                " opening \"cast\" driver')>")
   assert not checkpoint._quiet_abandoned_reads(record(abandoned))
+  assert not checkpoint._quiet_abandoned_reads(record(
+      "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+      "'DATA_LOSS: Error opening \"cast\" driver')>"))
   assert checkpoint._quiet_abandoned_reads(record(abandoned.replace("DATA_LOSS", "NOT_FOUND")))
   assert checkpoint._quiet_abandoned_reads(record("Task exception was never retrieved: other"))
 
