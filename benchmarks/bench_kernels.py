@@ -15,10 +15,13 @@ same work in `jax.jit` and in PyTorch eager mode (float32, the backend's default
   dense1                 the CNN's 3136 -> 1024 layer, forward and both gradients.
 JAX's layout is flax's NHWC, PyTorch's NCHW (each framework's native one). PyTorch runs in a
 spawned child process that alone imports it (imported here it slows XLA:CPU, bench_throughput.py).
-Each number is the median of `--reps` timed calls after two warm-up calls; the ratio J/T is how
-many times longer JAX takes. Asserts nothing: compare within one run, on a quiet machine.
+Each time is the median of `--reps` timed calls after two warm-up calls. The whole comparison
+runs `--repeats` times (JAX, then PyTorch, then JAX, ...); J/T, how many times longer JAX takes, is
+the median over repeats of the ratio within a repeat, leaving out repeats that lost more than 10%
+of the CPUs to the host's other guests (host_steal.py). Asserts nothing.
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -35,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from host_steal import STEAL_LIMIT, cpu_ticks, steal_share  # noqa: E402
 from scaling import models  # noqa: E402
 
 NUM_CLASSES = 10
@@ -155,33 +159,48 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--batch_sizes", default="32,128")
   p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--out", default="")
-  p.add_argument("--tiny", action="store_true", help="batch 8, 3 reps")
+  p.add_argument("--tiny", action="store_true", help="batch 8, 3 reps, 1 repeat")
   args = p.parse_args(argv)
   if args.tiny:
-    args.batch_sizes, args.reps = "8", 3
+    args.batch_sizes, args.reps, args.repeats = "8", 3, 1
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-  jax_ms = {b: {k: median_ms(c, args.reps) for k, c in jax_kernels(b).items()}
-            for b in batch_sizes}
-  torch_ms, torch_info = {}, None
-  if importlib.util.find_spec("torch"):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-      torch_ms, torch_info = pool.apply(torch_times, (batch_sizes, args.reps))
+  jax_calls = {b: jax_kernels(b) for b in batch_sizes}   # compiled once, timed every repeat
+  has_torch = importlib.util.find_spec("torch") is not None
+  repeats, torch_info = [], None
+  with (multiprocessing.get_context("spawn").Pool(1) if has_torch
+        else contextlib.nullcontext()) as pool:
+    for _ in range(args.repeats):
+      before = cpu_ticks()
+      jax_ms = {b: {k: median_ms(c, args.reps) for k, c in jax_calls[b].items()}
+                for b in batch_sizes}
+      torch_ms, torch_info = (pool.apply(torch_times, (batch_sizes, args.reps)) if has_torch
+                              else ({}, None))
+      repeats.append({"jax_ms": jax_ms, "torch_ms": torch_ms,
+                      "steal": steal_share(before, cpu_ticks())})
+  clean = [r for r in repeats if (r["steal"] or 0) <= STEAL_LIMIT]
   print(f"backend {jax.default_backend()}: {jax.devices()[0].device_kind}; jax {jax.__version__};"
-        f" torch {torch_info or 'absent (pip install torch)'}")
+        f" torch {torch_info or 'absent (pip install torch)'}; {len(clean)} of {len(repeats)}"
+        f" repeats under {STEAL_LIMIT:.0%} CPU steal (all used if none is): " + ", ".join(
+            f"{r['steal']:.0%}" if r["steal"] is not None else "-" for r in repeats))
   print(f"{'kernel':10} {'B':>5} | {'JAX ms':>8} {'torch ms':>8} | {'J/T':>5}")
+  clean = clean or repeats
   rows = []
   for b in batch_sizes:
     for k in KERNELS:
-      j, t = jax_ms[b][k], torch_ms.get(b, {}).get(k)
+      j = statistics.median(r["jax_ms"][b][k] for r in clean)
+      t = (statistics.median(r["torch_ms"][b][k] for r in clean) if has_torch else None)
+      ratio = (statistics.median(r["jax_ms"][b][k] / r["torch_ms"][b][k] for r in clean)
+               if has_torch else None)
       rows.append({"kernel": k, "batch_size": b, "jax_ms": j, "torch_ms": t,
-                   "jax_over_torch": j / t if t else None})
-      print(f"{k:10} {b:>5} | {j:8.2f} " + (f"{t:8.2f} | {j / t:5.2f}" if t else
+                   "jax_over_torch": ratio})
+      print(f"{k:10} {b:>5} | {j:8.2f} " + (f"{t:8.2f} | {ratio:5.2f}" if t else
                                                 f"{'-':>8} | {'-':>5}"))
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"backend": jax.default_backend(), "jax": jax.__version__, "torch": torch_info,
-                 "args": vars(args), "rows": rows}, f, indent=1)
+                 "args": vars(args), "rows": rows, "repeats": repeats}, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -55,6 +55,7 @@ def test_bench_vmap_tiny_prints_its_table(tmp_path):
   assert row["V/S trials"] == row["V_trials_per_hour"] / row["S_trials_per_hour"] > 0
 
 
+@pytest.mark.heavy   # ~30 s of CPU: compiles both models' gradients
 def test_bench_kernels_tiny_prints_its_table(tmp_path):
   out = tmp_path / "kernels.json"
   result = subprocess.run(
