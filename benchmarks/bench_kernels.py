@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import bench_throughput  # noqa: E402  (the models: one definition for both benchmarks)
 from host_steal import STEAL_LIMIT, cpu_ticks, steal_share  # noqa: E402
 from scaling import models  # noqa: E402
 
@@ -65,18 +66,13 @@ def inputs(batch_size, seed=0):
 
 # ------------------------------------------------------------------------------------------- JAX
 
-class _ModelConfig:
-  def __init__(self, name):
-    self.name, self.widths, self.batch_norm = name, (512, 512), False
-
-
 def jax_kernels(batch_size):
   """{kernel: a call that runs it once and waits} in jax.jit."""
   images, labels = inputs(batch_size)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   calls = {}
   for name in ("mlp", "cnn"):
-    model = models.build(_ModelConfig(name), NUM_CLASSES)
+    model = models.build(bench_throughput._ModelConfig(name), NUM_CLASSES)
     params = model.init(jax.random.PRNGKey(0), images[:1], train=False)["params"]
     loss = lambda p, x, y, model=model: optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, x, train=True), y).mean()
@@ -111,14 +107,7 @@ def torch_kernels(batch_size):
   images, labels = inputs(batch_size)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
   y = torch.from_numpy(labels.astype(np.int64)).to(device)
-  nn = torch.nn
-  nets = {
-      "mlp": nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
-                           nn.ReLU(), nn.Linear(512, NUM_CLASSES)),
-      "cnn": nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                           nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                           nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(),
-                           nn.Linear(1024, NUM_CLASSES))}
+  nets = {name: bench_throughput.torch_model(name) for name in ("mlp", "cnn")}
   calls = {}
   for name, net in nets.items():
     net = net.to(device)

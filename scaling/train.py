@@ -225,7 +225,8 @@ def chunk_function(config, plan, splits, mesh, gather, step_fn):
   return functools.partial(chunklib.train_chunk, num_examples=len(splits.train_labels),
                            batch_size=config.batch_size, steps_per_epoch=plan.steps_per_epoch,
                            gather=gather, step_fn=step_fn, end_metrics=end_metrics(plan),
-                           unroll=config.chunk_unroll, shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
+                           unroll=config.chunk_unroll,
+                           shard_batch=functools.partial(sharding.constrain_batch, mesh=mesh))
 
 
 def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None = None,
