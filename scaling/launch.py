@@ -14,6 +14,11 @@ processes that find their coordinator and rank in Slurm's environment (`--distri
 and exits with 143 (loop.Preempted), and the task requeues itself (`--requeue`) to resume from
 it; `scancel --signal=TERM JOB_TASK` does the same by hand. Running the launcher again submits
 only the trials that are not done or diverged.
+
+Before it writes or submits anything, every trial passes the checks that `scaling.main` makes
+before it trains (on the devices the cluster section gives a trial, not this machine's), and every
+value that goes into the script must stay one value on its line: a bad one is one line,
+`config error: ...`, instead of a script whose every task fails or runs what it should not.
 """
 import dataclasses
 import datetime
@@ -24,14 +29,19 @@ import shutil
 import subprocess
 import sys
 
-from scaling.config import ConfigError, check_fields
+from scaling.config import ConfigError
 
 PREEMPTED_EXIT = 143   # 128 + SIGTERM: what a trial exits with after its preemption checkpoint
 # Filesystems that other nodes can see (the workdir of a multi-node trial must be on one).
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph",
                       "fuse.ceph", "glusterfs", "fuse.glusterfs", "panfs", "wekafs", "fuse.sshfs")
 # Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
+# Slurm's --mem: a number, in MB or with a unit K, M, G or T.
+_MEM = re.compile(r"[0-9]+(?:[KMGTkmgt][Bb]?)?")
+# What sbatch itself reads in an #SBATCH line: it splits the line at whitespace, takes quotes and
+# backslashes away and ends it at a '#' (src/sbatch/opt.c, _get_argument).
+_SBATCH_SPECIAL = " \"'#\\"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +68,78 @@ class Cluster:
 
 
 def time_limit_seconds(time: str) -> int:
-  """Slurm's --time syntax -> seconds; ConfigError when it is not that syntax."""
-  match = _TIME.match(time.strip())
+  """Slurm's --time syntax -> seconds; ConfigError when it is not that syntax, or when a minutes
+  or seconds field is over 59 (hours over 23 after 'days-'): Slurm would carry it silently into
+  the next unit, and `25:99:99` is a typo more often than 26:40:39."""
+  match = _TIME.fullmatch(time)
   if not match:
     raise ConfigError(f"cluster.time={time!r} is not a Slurm time limit: use MM, HH:MM:SS or"
                       " D-HH:MM:SS (e.g. '04:00:00')")
   days, *parts = match.groups()
   parts = [int(p) for p in parts if p is not None]
-  if days is not None:   # D-HH[:MM[:SS]]
-    parts += [0] * (3 - len(parts))
-    hours, minutes, seconds = parts
-    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
-  if len(parts) == 1:    # minutes
-    return parts[0] * 60
-  if len(parts) == 2:    # MM:SS
-    return parts[0] * 60 + parts[1]
-  return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+  with_days = days is not None
+  if with_days:            # D-HH[:MM[:SS]]
+    days, (hours, minutes, seconds) = int(days), parts + [0] * (3 - len(parts))
+  elif len(parts) == 3:    # HH:MM:SS
+    days, (hours, minutes, seconds) = 0, parts
+  else:                    # MM or MM:SS: any number of minutes
+    days, hours, (minutes, seconds) = 0, 0, parts + [0] * (2 - len(parts))
+  total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+  bounded = [("seconds", seconds, 60)]
+  if with_days or len(parts) == 3:
+    bounded.insert(0, ("minutes", minutes, 60))
+  if with_days:
+    bounded.insert(0, ("hours", hours, 24))
+  for unit, value, limit in bounded:
+    if value >= limit:
+      d, rest = divmod(total, 86400)
+      same = f"{d}-{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+      raise ConfigError(f"cluster.time={time!r} has {unit}={value}, over {limit - 1}: fix the"
+                        f" typo, or write {same!r} if that is the limit you mean")
+  return total
+
+
+def check_printable(what: str, value: str, fix: str) -> None:
+  """A line break (or another non-printing character) would end the script's line it is written
+  on; in the header, a bare shell line there ends sbatch's reading of the #SBATCH directives."""
+  bad = next((ch for ch in value if not ch.isprintable()), None)
+  if bad is not None:
+    raise ConfigError(f"{what}={value!r} has the non-printing character {bad!r}, which would"
+                      f" break the sbatch script's lines: {fix}")
+
+
+def check_sbatch_value(what: str, value: str, fix: str) -> None:
+  """A value written bare into an #SBATCH line (a Slurm name or option): sbatch must read it as
+  one argument, unchanged."""
+  check_printable(what, value, fix)
+  bad = next((ch for ch in value if ch in _SBATCH_SPECIAL), None)
+  if bad is not None:
+    raise ConfigError(f"{what}={value!r} has {bad!r}: sbatch splits #SBATCH lines at spaces and"
+                      f" reads quotes, backslashes and '#' itself; {fix}")
+
+
+def check_setup(setup: str) -> None:
+  """`setup` is one line of the script's body, right before the trial's srun step: it may hold
+  spaces, quotes, `&&`, but must end there, so that the srun step and the requeue after it stay
+  the script's own lines."""
+  fix = "give one line of shell, several commands joined with ' && '"
+  check_printable("cluster.setup", setup, fix)
+  if setup.rstrip().endswith("\\"):
+    raise ConfigError(f"cluster.setup={setup!r} ends in a backslash, which would join the trial's"
+                      " srun line to it: remove the backslash")
+  bash = shutil.which("bash")
+  if bash and setup.strip():   # an open quote, `(` or `if` would swallow the lines after it
+    result = subprocess.run([bash, "-n"], input=setup + "\n", capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode:
+      reason = " ".join(result.stderr.strip().splitlines()[-1:])
+      raise ConfigError(f"cluster.setup={setup!r} is not one complete shell command (bash -n:"
+                        f" {reason}): close its quotes, brackets and `if`s")
 
 
 def read_cluster(config) -> Cluster:
-  """config.cluster -> Cluster; a missing field or a value Slurm would refuse is a ConfigError."""
+  """config.cluster -> Cluster; a missing field or a value Slurm would refuse, or that would break
+  the sbatch script (a line break, a space in a name), is a ConfigError."""
   if "cluster" not in config:
     raise ConfigError("the config has no cluster section: add one like configs/mnist.py's"
                       " (c.cluster = ConfigDict(dict(time=..., nodes=..., ...)))")
@@ -87,7 +149,12 @@ def read_cluster(config) -> Cluster:
     if field.name not in section:
       raise ConfigError(f"cluster.{field.name} is missing from the config's cluster section:"
                         " add it (every field is documented in configs/mnist.py)")
-    values[field.name] = section[field.name]
+    value = values[field.name] = section[field.name]
+    if field.type is int and (not isinstance(value, int) or isinstance(value, bool)):
+      raise ConfigError(f"cluster.{field.name}={value!r} must be an integer")
+    if field.type is str and not isinstance(value, str):
+      raise ConfigError(f"cluster.{field.name}={value!r} must be a string (configs/mnist.py says"
+                        " what an empty one means)")
   cluster = Cluster(**values)
   limit = time_limit_seconds(cluster.time)
   if limit <= 0:
@@ -107,6 +174,26 @@ def read_cluster(config) -> Cluster:
     raise ConfigError(f"cluster.tasks_per_node={cluster.tasks_per_node} with gpus_per_node="
                       f"{cluster.gpus_per_node}: a multi-process trial runs one process per GPU,"
                       " set tasks_per_node = gpus_per_node")
+  check_sbatch_value("cluster.partition", cluster.partition, "name partitions as `sinfo` lists"
+                     " them, several as a comma list ('gpu,debug')")
+  check_sbatch_value("cluster.account", cluster.account, "name one account as `sacctmgr show"
+                     " associations user=$USER` lists it")
+  if cluster.mem and not _MEM.fullmatch(cluster.mem):
+    raise ConfigError(f"cluster.mem={cluster.mem!r} is not a Slurm memory size: use a number with"
+                      " K, M, G or T ('64G'; a number alone is MB) or '' for the partition's"
+                      " default")
+  if not isinstance(cluster.extra_sbatch, (tuple, list)):
+    raise ConfigError(f"cluster.extra_sbatch={cluster.extra_sbatch!r} must be a tuple of sbatch"
+                      " options, e.g. ('--qos=high', '--constraint=a100')")
+  for i, option in enumerate(cluster.extra_sbatch):
+    what = f"cluster.extra_sbatch[{i}]"
+    if not isinstance(option, str) or not option.startswith("-"):
+      raise ConfigError(f"{what}={option!r} is not an sbatch option: write it as on sbatch's"
+                        " command line, e.g. '--qos=high'")
+    check_sbatch_value(what, option, "give one option per item, e.g. ('--qos=high',"
+                       " '--constraint=a100'), values without spaces")
+  check_setup(cluster.setup)
+  check_printable("cluster.python", cluster.python, "name the compute nodes' interpreter")
   if not cluster.python.strip():
     raise ConfigError("cluster.python is empty: name the compute nodes' interpreter ('python3')")
   return cluster
@@ -147,13 +234,36 @@ def trial_command(cluster: Cluster, config_path: str, workdir: str, overrides: d
   return " ".join(shlex.quote(a) for a in srun + main) + ' --trial="$SLURM_ARRAY_TASK_ID"'
 
 
+def sbatch_word(value: str) -> str:
+  """`value` as one argument of an #SBATCH line, as sbatch reads it back: in double quotes with a
+  backslash before each quote, backslash and '#' where it has any of those or a space (a line
+  break cannot be quoted there: check_printable refuses it first)."""
+  if not any(ch in _SBATCH_SPECIAL for ch in value):
+    return value
+  return '"' + re.sub(r"([\"'#\\])", r"\\\1", value) + '"'
+
+
+def check_paths(workdir: str, config_path: str, chdir: str) -> None:
+  """The paths that the script holds: none may break its lines, and a backslash in the log path
+  would stop Slurm from filling in its %a and %A."""
+  check_printable("--workdir", workdir, "choose a --workdir without one")
+  check_printable("--config", config_path, "rename the config file")
+  check_printable("the current directory", chdir, "run the launcher from a directory whose path"
+                  " has none")
+  if "\\" in os.path.abspath(workdir):
+    raise ConfigError(f"--workdir={os.path.abspath(workdir)!r} has a backslash, which stops Slurm"
+                      " from naming the trials' logs (%a, %A): choose a --workdir without one")
+
+
 def sbatch_script(cluster: Cluster, *, job_name: str, indices: list[int], num_trials: int,
                   config_path: str, workdir: str, overrides: dict, chdir: str) -> str:
   """The sbatch array script: every #SBATCH line, the setup, the srun step, the requeue."""
-  options = [f"--job-name={job_name}", f"--array={array_spec(indices, cluster.max_running)}",
-             f"--output={os.path.join(workdir, 'slurm', 'trial-%a.job-%A.log')}",
+  log = os.path.join(workdir.replace("%", "%%"), "slurm", "trial-%a.job-%A.log")   # %% = '%'
+  options = [f"--job-name={sbatch_word(job_name)}",
+             f"--array={array_spec(indices, cluster.max_running)}",
+             f"--output={sbatch_word(log)}",
              "--open-mode=append",          # a requeued task appends to the same log
-             f"--chdir={chdir}",            # where `configs` imports from
+             f"--chdir={sbatch_word(chdir)}",   # where `configs` imports from
              f"--time={cluster.time}", f"--nodes={cluster.nodes}",
              f"--ntasks-per-node={cluster.tasks_per_node}",
              f"--cpus-per-task={cluster.cpus_per_task}"]
@@ -231,21 +341,49 @@ def shared_filesystem_warning(workdir: str, nodes: int) -> str | None:
           " reads it, put the workdir on a shared filesystem (NFS, Lustre, GPFS, ...)")
 
 
-def unfinished_trials(config, workdir: str):
-  """(every trial of the sweep, those not done or diverged), from the trials' summary.json.
-  Every trial's fields are checked first (no data, no devices: a login node can): a bad value
-  fails here, not in every array task."""
-  from scaling import sweep   # imports JAX: after the cheap checks
+def trial_devices(config, cluster: Cluster) -> int:
+  """The size of a trial's mesh on the compute nodes, which the trials are checked against here.
+  This machine's devices do not say it (a login node often has none of the nodes' GPUs); the
+  cluster section does where it asks for GPUs: nodes x gpus_per_node, one process per GPU or one
+  process with all of a node's. Without GPUs a trial runs on CPU devices, as many per process as
+  this process has: sbatch passes this environment (XLA_FLAGS with it) on to the tasks. What the
+  section cannot say (a `setup` that sets XLA_FLAGS, GPUs asked for in extra_sbatch) is checked
+  again by each trial at its start."""
+  from scaling import sharding   # imports JAX: after the cheap checks
+  if not cluster.gpus_per_node and cluster.processes == 1:
+    return sharding.make_mesh(config.num_devices).size   # exactly scaling.main's mesh
+  import jax
+  if cluster.gpus_per_node:
+    visible = cluster.nodes * cluster.gpus_per_node
+    what = f"cluster.nodes={cluster.nodes} x cluster.gpus_per_node={cluster.gpus_per_node}"
+  else:
+    visible = cluster.processes * jax.local_device_count()
+    what = (f"{cluster.processes} processes (cluster.nodes x cluster.tasks_per_node) x"
+            f" {jax.local_device_count()} CPU devices")
+  if config.num_devices > visible:
+    raise ConfigError(f"num_devices={config.num_devices} but a trial has {visible} devices"
+                      f" ({what}): use num_devices <= {visible} (0 = all), or more nodes or GPUs")
+  return config.num_devices or visible
+
+
+def checked_trials(config, workdir: str, cluster: Cluster) -> list:
+  """Every trial of the sweep, through the checks scaling.main makes before it trains (the calls
+  of sweep.main: expand, the mesh, the data, validate, vectorized.check_sweep), on the trial's
+  devices: a bad value fails here, once, not at the start of every array task."""
+  from scaling import sweep, train, vectorized   # imports JAX: after the cheap checks
   trials = sweep.expand(config, workdir)
-  for t in trials:
-    try:
-      check_fields(t.config)
-    except ConfigError as error:
-      prefix = f"trial {t.index} ({t.id}): " if t.overrides else ""
-      raise ConfigError(prefix + str(error)) from None
-  pending = [t for t in trials
-             if (sweep.read_summary(t.directory) or {}).get("status") not in sweep.FINISHED]
-  return trials, pending
+  devices = trial_devices(config, cluster)
+  splits = train.load_data(config)
+  sweep.validate(trials, splits.num_train, devices)
+  vectorized.check_sweep(config, splits)
+  return trials
+
+
+def unfinished_trials(trials: list) -> list:
+  """Those of `trials` not done or diverged, from their summary.json."""
+  from scaling import sweep
+  return [t for t in trials
+          if (sweep.read_summary(t.directory) or {}).get("status") not in sweep.FINISHED]
 
 
 def submit(script_path: str) -> str:
@@ -265,11 +403,13 @@ def launch(config, config_path: str, workdir: str, overrides: dict, *, submit_jo
     raise ConfigError("sbatch is not on PATH: run this on a Slurm login node, install Slurm's"
                       " client (Debian: apt-get install slurm-client), or use --dry_run to print"
                       " the script")
+  check_paths(workdir, config_path, os.getcwd())
   workdir, config_path = os.path.abspath(workdir), os.path.abspath(config_path)
+  trials = checked_trials(config, workdir, cluster)
   warning = shared_filesystem_warning(workdir, cluster.nodes)
   if warning:
     print(warning, file=sys.stderr)
-  trials, pending = unfinished_trials(config, workdir)
+  pending = unfinished_trials(trials)
   if not pending:
     print(f"all {len(trials)} trial(s) in {workdir} are done or diverged: nothing to submit")
     return None
@@ -312,9 +452,10 @@ def check_slurm_processes(environ, num_processes: int | None) -> None:
 
 
 def main(argv):
-  from absl import flags
+  from absl import flags, logging
   from ml_collections import config_flags
   del argv
+  logging.set_verbosity(logging.WARNING)   # as scaling.main: TFDS logs every data set it opens
   config_flag = flags.FLAGS["config"]
   try:
     launch(config_flag.value, config_flags.get_config_filename(config_flag), flags.FLAGS.workdir,
