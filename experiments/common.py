@@ -18,7 +18,7 @@ import time
 import ml_collections
 
 from scaling import metrics, report, results, sweep
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_workdir
 
 SCALES = ("smoke", "here", "paper")
 CONFIRMED, NOT_CONFIRMED, INCONCLUSIVE = "CONFIRMED", "NOT CONFIRMED", "INCONCLUSIVE"
@@ -50,7 +50,12 @@ def parse_args(argv: list[str], description: str, add_arguments=None) -> argpars
                            "paper's sizes, for accelerators")
   if add_arguments:
     add_arguments(parser)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  try:
+    check_workdir(args.workdir)
+  except ConfigError as error:
+    sys.exit(f"config error: {error}")
+  return args
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[results.Trial]:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import traceback
 
 from absl import flags
@@ -24,9 +25,30 @@ class ConfigError(ValueError):
   """Bad user input, reported as one line naming the field and the fix (never a JAX traceback)."""
 
 
+# Seeds become 64-bit random keys after an offset per random stream is added.
+MAX_SEED = 2**62
+
 # Every evaluation logs <split>/error and <split>/loss for these splits (when they are not empty).
 EVAL_SPLITS = ("valid", "test", "train_eval")
 EVAL_METRICS = ("error", "loss")
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir that is empty, a file, or where nothing can be created fails before anything runs."""
+  if not workdir:
+    raise ConfigError("--workdir is empty: give the directory for the outputs, e.g."
+                      " --workdir=runs/x")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory:"
+                      " choose another --workdir")
+  try:   # os.access says yes to root even on read-only mounts: try it
+    tempfile.TemporaryFile(dir=existing).close()
+  except OSError as error:
+    raise ConfigError(f"--workdir={workdir} is not writable ({error.strerror} in {existing}):"
+                      " choose a directory you can write to") from None
 
 
 def _int(x) -> bool:
@@ -52,6 +74,11 @@ _RULES = (
     ("reference_batch_size", lambda x: _int(x) and x >= 1,
      "an integer >= 1: the batch size at which lr = base_lr"),
     ("base_lr", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("lr_multiplier", lambda x: _finite(x) and x > 0,
+     "a finite number > 0: it multiplies the rule's learning rate (e.g. sweep.lr_multiplier=(0.5,"
+     " 1.0, 2.0))"),
+    ("seed", lambda x: _int(x) and 0 <= x < MAX_SEED,
+     f"an integer in [0, 2**62): random keys are made from it and offsets of it"),
     ("lr_power", _finite, "a finite number"),
     ("warmup.length", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("warmup.init_fraction", lambda x: _finite(x) and 0 <= x <= 1,
@@ -173,7 +200,10 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   flag = f"--config={spec}"
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "no such file"
-    raise ConfigError(f"{flag}: {what}: give the path of a config .py file, e.g."
+    colon = (f" (a ':' ends the file's path: {path!r} is the file, {args[0]!r} the argument of"
+             " its get_config; a path holding ':' cannot be given, rename or link the file)"
+             if args else "")
+    raise ConfigError(f"{flag}: {what}{colon}: give the path of a config .py file, e.g."
                       " --config=configs/mnist.py")
   if not path.endswith(".py"):
     raise ConfigError(f"{flag} is not a Python file: a config is a .py file whose get_config()"
@@ -182,14 +212,14 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except Exception as error:  # the file runs user code: anything it raises is the file's fault
+  except (Exception, SystemExit) as error:  # the file runs user code: what it raises is its fault
     raise ConfigError(f"{flag} fails to load: {_raised(error, path)}: fix the file") from None
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"{flag} has no get_config(): define get_config() returning an"
                       " ml_collections.ConfigDict (see configs/mnist.py)")
   try:
     config = module.get_config(*args)
-  except Exception as error:
+  except (Exception, SystemExit) as error:
     raise ConfigError(f"{flag}: get_config() raised {_raised(error, path)}: fix the file"
                       ) from None
   if not isinstance(config, ml_collections.ConfigDict):
@@ -268,15 +298,40 @@ def _explain(error: Exception | None, argv: list[str]) -> str:
   return message
 
 
+def axis_overridden(config, argv: list[str]) -> str | None:
+  """What is wrong when a --config.<field> in argv is a field a sweep axis sets in every trial
+  (the override would be silently replaced by the axis values), or None."""
+  axes = {}
+  for group in ("sweep", "sweep_zip"):
+    if isinstance(_get(config, group), ml_collections.ConfigDict):
+      axes.update({name: group for name in _leaf_names(config[group])})
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if match and match.group(1) in axes:
+      field, group = match.group(1), axes[match.group(1)]
+      return (f"--config.{field}: every trial takes {field} from the {group} axis"
+              f" {group}.{field}, so this value would be ignored: set the axis instead, e.g."
+              f" --config.{group}.{field}='({config[group][field][0]!r},)'")
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run(main, flags_parser=parse_flags)` in a module that defines a
-  --config flag), with every error of --config and --config.<field> as one line."""
+  --config flag), with every error of --config and --config.<field> as one line. Refuses what
+  would be silently ignored: a positional argument, a field that a sweep axis sets."""
   try:
     rest = flags.FLAGS(argv)
     # ml_collections defers an unreadable config file's error to the first use of the config.
-    if isinstance(flags.FLAGS["config"].value, ml_collections.ConfigDict):
-      return rest
+    loaded = isinstance(flags.FLAGS["config"].value, ml_collections.ConfigDict)
     error = None
-  except Exception as parse_error:  # the config file runs here: whatever it raises is bad input
-    error = parse_error
-  sys.exit(f"config error: {_explain(error, argv)}")
+  except (Exception, SystemExit) as parse_error:  # the config file runs here: what it raises
+    loaded, error = False, parse_error             # (sys.exit included) is bad input
+  if not loaded:
+    sys.exit(f"config error: {_explain(error, argv)}")
+  if rest[1:]:
+    sys.exit(f"config error: unexpected argument {rest[1]!r}: every option is a flag,"
+             " --name=value (a value with spaces goes in quotes)")
+  problem = axis_overridden(flags.FLAGS["config"].value, argv)
+  if problem:
+    sys.exit(f"config error: {problem}")
+  return rest

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_workdir
 
 PREEMPTED_EXIT = 143   # 128 + SIGTERM: what a trial exits with after its preemption checkpoint
 # Filesystems that other nodes can see (the workdir of a multi-node trial must be on one).
@@ -403,6 +403,8 @@ def launch(config, config_path: str, workdir: str, overrides: dict, *, submit_jo
     raise ConfigError("sbatch is not on PATH: run this on a Slurm login node, install Slurm's"
                       " client (Debian: apt-get install slurm-client), or use --dry_run to print"
                       " the script")
+  if not dry_run:   # --dry_run writes nothing, so it may print the script of anyone's workdir
+    check_workdir(workdir)
   check_paths(workdir, config_path, os.getcwd())
   workdir, config_path = os.path.abspath(workdir), os.path.abspath(config_path)
   trials = checked_trials(config, workdir, cluster)

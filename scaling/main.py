@@ -8,15 +8,16 @@ Bad input (a config file that does not load, a misspelt --config.<field>, a fiel
 workdir that cannot be written) exits non-zero with one line, `config error: ...`, that names the
 field and the fix, before any trial trains: never a traceback.
 """
+import math
 import os
+import re
 import sys
-import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from scaling import config as config_lib
-from scaling.config import ConfigError
+from scaling.config import ConfigError, check_workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the sweep's (or trial's) outputs.")
@@ -40,19 +41,40 @@ _MEMORY_LIMIT = flags.DEFINE_float(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def check_workdir(workdir: str) -> None:
-  """A workdir that is a file, or where nothing can be created, fails before anything runs."""
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory:"
-                      " choose another --workdir")
-  try:   # os.access says yes to root even on read-only mounts: try it
-    tempfile.TemporaryFile(dir=existing).close()
-  except OSError as error:
-    raise ConfigError(f"--workdir={workdir} is not writable ({error.strerror} in {existing}):"
-                      " choose a directory you can write to") from None
+def check_distributed_flags(coordinator, num_processes, process_id) -> None:
+  """The multi-process flags, before jax.distributed.initialize() sees (and raises on) them."""
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes} is invalid: use the number of processes"
+                      " (>= 1) in the run")
+  if process_id is not None and (process_id < 0 or (num_processes is not None
+                                                    and process_id >= num_processes)):
+    raise ConfigError(f"--process_id={process_id} is invalid: use 0 .. --num_processes - 1"
+                      f" ({num_processes})" if num_processes else
+                      f"--process_id={process_id} is invalid: use an index >= 0")
+  if coordinator is not None and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d{1,5}",
+                                                  coordinator):
+    raise ConfigError(f"--coordinator_address={coordinator!r} is not host:port: give process 0's"
+                      " address, e.g. --coordinator_address=127.0.0.1:1234")
+  if coordinator is not None and (num_processes is None or process_id is None):
+    raise ConfigError("--coordinator_address needs --num_processes and --process_id (outside a"
+                      " cluster that jax.distributed detects): pass both")
+
+
+def initialize_distributed(coordinator, num_processes, process_id) -> None:
+  """jax.distributed.initialize(), with what it raises on a machine where it detects no cluster
+  (no coordinator given, outside Slurm, TPU pods or MPI) as one line."""
+  import jax
+  from scaling import launch
+  check_distributed_flags(coordinator, num_processes, process_id)
+  if not coordinator:   # detected from Slurm: its tasks must be the processes, else
+    launch.check_slurm_processes(os.environ, num_processes)   # initialize() waits
+  try:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  except ValueError as error:
+    reason = " ".join(str(error).split())[:200]
+    raise ConfigError(f"--distributed: jax.distributed could not start ({reason}): outside a"
+                      " cluster it detects (Slurm, TPU pods, MPI), pass --coordinator_address,"
+                      " --num_processes and --process_id") from None
 
 
 def main(argv):
@@ -61,12 +83,12 @@ def main(argv):
   try:
     if not (_LIST.value or _PLAN_MEMORY.value):    # listing a sweep (someone else's, read-only) writes nothing
       check_workdir(_WORKDIR.value)
+    if _PLAN_MEMORY.value and not (math.isfinite(_MEMORY_LIMIT.value)
+                                   and _MEMORY_LIMIT.value >= 0):
+      raise ConfigError(f"--memory_limit_mib={_MEMORY_LIMIT.value} is invalid: use a device"
+                        " memory in MiB > 0 (or 0: the device's own limit)")
     if _DISTRIBUTED.value or _COORDINATOR.value:
-      import jax
-      from scaling import launch
-      if not _COORDINATOR.value:   # detected from Slurm: its tasks must be the processes, else
-        launch.check_slurm_processes(os.environ, _NUM_PROCESSES.value)   # initialize() waits
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CACHE.value:
       import jax
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))

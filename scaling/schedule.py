@@ -36,6 +36,10 @@ def scaled_lr(base_lr: float, batch_size: int, reference_batch_size: int, power:
   return base_lr * (batch_size / reference_batch_size) ** power
 
 
+# Steps are int32 on the device (the step counter, the schedules' arguments).
+MAX_STEPS = 2**31 - 1
+
+
 def to_steps(length: float, unit: str, batch_size: int, train_examples: int, field: str) -> int:
   """A duration in steps, epochs or examples -> whole optimizer steps (rounded up) for this batch."""
   if unit not in DURATION_UNITS:
@@ -78,6 +82,10 @@ def make_plan(config, train_examples: int) -> Plan:
   total = steps(config.budget, "budget")
   if total <= 0:
     raise ConfigError(f"budget.length={config.budget.length} gives no steps: use a positive budget")
+  if total > MAX_STEPS:
+    raise ConfigError(f"budget.length={config.budget.length} gives {total} steps at batch size"
+                      f" {bs}, more than the {MAX_STEPS} a trial's step counter (int32 on the"
+                      " device) holds: shorten budget.length")
   warmup = steps(config.warmup, "warmup")
   if warmup > total:
     raise ConfigError(f"warmup ({warmup} steps) is longer than the run ({total} steps, the step cap"

@@ -47,6 +47,8 @@ def files(tmp_path):
   (tmp_path / "config.json").write_text('{"batch_size": 64}\n')
   (tmp_path / "returns_dict.py").write_text("def get_config():\n  return {'batch_size': 64}\n")
   (tmp_path / "a_file").write_text("")
+  (tmp_path / "exits.py").write_text("import sys\n\nsys.exit(3)\n")
+  (tmp_path / "a:b.py").write_text("from configs.mnist import get_config\n")
   return tmp_path
 
 
@@ -79,6 +81,23 @@ MAIN_CASES = {
     "versioned dataset name": ([TINY, "--config.dataset.name=foo:1.0"], ["dataset.name='foo:1.0'"]),
     "field value": ([TINY, "--config.grad_groups=0"],
                     ["trial 0 (bs=16,", "grad_groups=0", "integer >= 1"]),
+    # Input that was silently ignored: the sweep trained at the axis values, exit 0.
+    "field a sweep axis sets": ([TINY, "--config.batch_size=0"],
+                                ["--config.batch_size", "sweep axis sweep.batch_size",
+                                 "--config.sweep.batch_size="]),
+    "positional argument": ([TINY, "extra_positional"], ["unexpected argument 'extra_positional'"]),
+    "config file calls sys.exit": (["--config={tmp}/exits.py"], ["exits.py", "SystemExit: 3"]),
+    "colon in the config path": (["--config={tmp}/a:b.py"], ["a:b.py", "a ':' ends the file's path"]),
+    "empty workdir": ([TINY, "--workdir="], ["--workdir is empty"]),
+    "memory limit nan": ([TINY, "--plan_memory", "--memory_limit_mib=nan"],
+                         ["--memory_limit_mib=nan"]),
+    "memory limit inf": ([TINY, "--plan_memory", "--memory_limit_mib=inf"],
+                         ["--memory_limit_mib=inf"]),
+    "memory limit negative": ([TINY, "--plan_memory", "--memory_limit_mib=-5"],
+                              ["--memory_limit_mib=-5"]),
+    "budget past the int32 step counter": (
+        ["--config=configs/mnist.py", "--config.budget.length=1e10"],
+        ["budget.length=10000000000.0", "2147483647", "shorten budget.length"]),
 }
 
 
@@ -140,6 +159,10 @@ BAD_VALUES = [
     ("curvature.density_starts", 0), ("curvature.density_steps", 0),
     ("checkpoint.every_steps", -1), ("checkpoint.keep", 0), ("model.widths", (32, 0)),
     ("target.metric", "valid/accuracy"), ("target.metric", "train/loss"),
+    # Accepted before: an infinite multiplier entered the study as `diverged`; a seed past 64 bits
+    # started and failed as OverflowError when its random keys were made.
+    ("lr_multiplier", math.inf), ("lr_multiplier", math.nan), ("lr_multiplier", 0.0),
+    ("seed", 2**64), ("seed", -1),
 ]
 
 
