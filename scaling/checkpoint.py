@@ -26,8 +26,18 @@ import sys
 import time
 
 import jax
-import orbax.checkpoint as ocp
 from absl import logging
+
+
+def _quiet_type_handler_override(record) -> bool:
+  """A logging filter: drops the warning Orbax logs at import ('Type handler registry type ...
+  overriding jax.Array'), a registration detail that would stand before every one-line error."""
+  return not record.getMessage().startswith("Type handler registry type")
+
+
+# Installed before Orbax is imported: it logs the warning while its modules load.
+py_logging.getLogger("absl").addFilter(_quiet_type_handler_override)
+import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils
 
 from scaling import metrics
@@ -208,7 +218,26 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = ()) -> None:
+def read_trial_config(config_path: str, finished: bool = False) -> dict:
+  """A trial's config.json as a dict, or ConfigError naming the damaged file and the fix."""
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as error:   # truncated, not UTF-8, not JSON, a directory
+    saved, reason = None, " ".join(str(error).split())[:120]
+  else:
+    reason = f"it holds {type(saved).__name__}, not the trial's config"
+  if isinstance(saved, dict) and saved:
+    return saved
+  fix = (f"delete {os.path.dirname(config_path)} and rerun to train the trial again" if finished
+         else "delete it and rerun to resume the trial from its checkpoint under the current"
+         " config")
+  raise ConfigError(f"{config_path} is damaged ({reason}): it records what the trial ran with;"
+                    f" restore it from a copy, or {fix}")
+
+
+def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = (),
+                   finished: bool = False) -> None:
   """Refuses to resume (or rerun) a trial directory written by a different run (batch size, LR,
   model, ...); `ignore` adds fields to RESUME_MAY_CHANGE (e.g. `derived`, when comparing configs
   before a plan is made). Only fields both configs hold are compared: a field added to the
@@ -216,8 +245,7 @@ def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = (
   field), and a removed one no longer acts, so neither makes finished work unusable."""
   if not os.path.exists(config_path):
     return
-  with open(config_path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(read_trial_config(config_path, finished))
   current = _flatten(resolved)
   may_change = RESUME_MAY_CHANGE + tuple(ignore)
   allowed = lambda key: any(key == p or key.startswith(p + ".") for p in may_change)

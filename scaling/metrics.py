@@ -169,17 +169,24 @@ class MetricsWriter:
         self._jsonl.close()
 
 
-def truncate_after(path: str, step: int) -> None:
-  """Drops records past `step`: a resumed run rewrites them, so none is duplicated or missing."""
+def truncate_after(path: str, step: int, log_every_steps: int = 0) -> list[int]:
+  """Drops records past `step`: a resumed run rewrites them, so none is duplicated. Returns the
+  steps at or before `step` (multiples of log_every_steps, if given) that have no train record:
+  records lost or removed while the run was stopped, which this run does not write again."""
   if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  kept = []
-  with open(path) as f:
+    return []
+  kept, logged = [], set()
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
-        if json.loads(line)["step"] <= step:
+        record = json.loads(line)
+        if record["step"] <= step:
           kept.append(line if line.endswith("\n") else line + "\n")
-      except (ValueError, KeyError):  # a line cut by a kill mid-write
+          if "train/loss" in record:
+            logged.add(record["step"])
+      except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write, or damaged
         pass
   with atomic_write(path, "metrics.jsonl") as f:
     f.writelines(kept)
+  expected = range(log_every_steps, step + 1, log_every_steps) if log_every_steps else ()
+  return [s for s in expected if s not in logged]

@@ -165,25 +165,60 @@ def select(trials: list[Trial], trial: str) -> list[Trial]:
 
 
 def read_summary(directory: str) -> dict | None:
+  """A trial's summary.json, None before it has one; ConfigError naming a damaged one."""
+  path = os.path.join(directory, "summary.json")
   try:
-    with open(os.path.join(directory, "summary.json")) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  except (FileNotFoundError, NotADirectoryError):
     return None
+  except (OSError, ValueError) as error:   # truncated, not UTF-8, not JSON, a directory
+    summary, reason = None, " ".join(str(error).split())[:120]
+  else:
+    reason = f"it holds {type(summary).__name__}, not a JSON object"
+  if isinstance(summary, dict):
+    return summary
+  raise ConfigError(f"{path} is damaged ({reason}): delete it and rerun; the trial resumes from"
+                    " its latest checkpoint and writes it again")
 
 
-def check_finished_unchanged(trial: Trial) -> None:
-  """A finished trial rerun with another config is refused (its results would be relabelled)."""
+def _holds_work(directory: str) -> bool:
+  """Whether a rerun would skip or resume this trial, rather than start it afresh."""
+  ckpts = os.path.join(directory, "checkpoints")
+  return (os.path.exists(os.path.join(directory, "summary.json"))
+          or (os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))))
+
+
+def check_trial_directory(trial: Trial) -> None:
+  """Everything about a trial's existing directory that would refuse or spoil a rerun, checked
+  for every trial before any trains: a sweep rerun with a changed config must not train some
+  trials under the new one and then refuse the next (the workdir would mix two configs)."""
+  for name, kind in ((".lock", os.path.isfile), ("checkpoints", os.path.isdir),
+                     ("metrics.jsonl", os.path.isfile), ("summary.json", os.path.isfile)):
+    path = os.path.join(trial.directory, name)
+    if os.path.lexists(path) and not kind(path):
+      what = "a file" if kind is os.path.isdir else "not a file"
+      raise ConfigError(f"{path} is {what}, which this trial cannot use: move it out of the way"
+                        " (the trial's own files are rewritten) and rerun")
+  summary = read_summary(trial.directory)
+  if not _holds_work(trial.directory):
+    return
   current = json.loads(trial.config.to_json_best_effort())
   current.update(trial_id=trial.id, sweep_axes=json.loads(json.dumps(trial.overrides)))
-  checkpoint.check_same_run(os.path.join(trial.directory, "config.json"), current, ignore=("derived",))
+  checkpoint.check_same_run(os.path.join(trial.directory, "config.json"), current,
+                            ignore=("derived",),
+                            finished=bool(summary) and summary.get("status") in FINISHED)
 
 
 def record_failure(trial: Trial, error: Exception) -> dict:
   """status `failed` with the one-line reason in summary.json; the traceback beside it."""
   lines = str(error).strip().splitlines()
   reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
-  summary = {**(read_summary(trial.directory) or {}), "status": "failed", "failed_reason": reason,
+  try:
+    previous = read_summary(trial.directory) or {}
+  except ConfigError:   # a damaged summary is replaced by this one
+    previous = {}
+  summary = {**previous, "status": "failed", "failed_reason": reason,
              "trial_id": trial.id}
   if jax.process_index() == 0:
     with open(os.path.join(trial.directory, "traceback.txt"), "w") as f:
@@ -287,8 +322,7 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
     return []
   chosen = select(trials, trial) if trial is not None else trials
   for t in chosen:
-    if (read_summary(t.directory) or {}).get("status") in FINISHED:
-      check_finished_unchanged(t)
+    check_trial_directory(t)
   os.makedirs(workdir, exist_ok=True)
   if trials[0].overrides:
     write_json(os.path.join(workdir, "sweep.json"), {

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,13 @@ def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state,
   else:
     step, state, book = 0, fresh_state(), bookkeeping.new_bookkeeping(config)
   # Records past the restored step are rewritten by this run (all of them when starting afresh).
-  metrics_lib.truncate_after(os.path.join(workdir, "metrics.jsonl"), step if restored else -1)
+  path = os.path.join(workdir, "metrics.jsonl")
+  missing = metrics_lib.truncate_after(path, step if restored else -1,
+                                       resolved["derived"]["log_every_steps"])
+  if missing:   # the run cannot write them again: say so, the report shows the gap
+    print(f"warning: {path} lacks the train records of {len(missing)} step(s) before the resume"
+          f" step {step} (steps {missing[0]}..{missing[-1]}): they were lost or removed while the"
+          " trial was stopped; its curves have a gap there", file=sys.stderr, flush=True)
   write_json(os.path.join(workdir, "config.json"), resolved)
   return step, state, book
 
