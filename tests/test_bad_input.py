@@ -205,3 +205,11 @@ def test_shipped_configs_and_edge_values_pass():
       "checkpoint.every_steps": 0, "checkpoint.keep": 1, "curvature.every_steps": 0,
       "model.widths": (), "decay.final_fraction": 1.0, "curvature.top_k": 20,
       "target.metric": "test/loss"}))
+
+
+@pytest.mark.parametrize("paper", ["goyal", "hoffer"])
+def test_an_experiment_refuses_an_empty_workdir(paper):
+  """It was a FileNotFoundError traceback from the first sweep's makedirs. Every experiment
+  parses its flags in experiments.common.parse_args: two of the seven stand for all."""
+  assert_one_line_error(run_cli(f"experiments.{paper}", "--workdir=", "--scale=smoke"),
+                        "--workdir is empty")
