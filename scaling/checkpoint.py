@@ -226,7 +226,8 @@ def read_trial_config(config_path: str, finished: bool = False) -> dict:
   except (OSError, ValueError) as error:   # truncated, not UTF-8, not JSON, a directory
     saved, reason = None, " ".join(str(error).split())[:120]
   else:
-    reason = f"it holds {type(saved).__name__}, not the trial's config"
+    reason = ("it is empty" if saved == {} else
+              f"it holds {type(saved).__name__}, not the trial's config")
   if isinstance(saved, dict) and saved:
     return saved
   fix = (f"delete {os.path.dirname(config_path)} and rerun to train the trial again" if finished

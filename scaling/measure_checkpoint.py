@@ -3,8 +3,9 @@
     python -m scaling.measure_checkpoint --workdir=runs/x/trials/<id> [--step=latest] [--density]
 
 Safe beside a running trial: the checkpoints are opened read-only (no temporary directory of a
-save in progress is removed, no damaged checkpoint moved aside). Bad input (a missing directory,
-`--step=abc`, a step that was not saved) is one line naming the flag, without a traceback.
+save in progress is removed, no damaged checkpoint moved aside). Bad input (no --workdir, a missing
+directory, `--step=abc`, a step that was not saved, a damaged config.json) is one line naming the
+flag or the file, without a traceback.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from scaling import checkpoint, measure, sharding, train
+from scaling import checkpoint, measure, results, sharding, train
 from scaling.config import ConfigError
 from scaling.metrics import write_json
 
@@ -28,19 +29,17 @@ def parse_step(step: str) -> int | None:
 
 
 def load_trial_config(workdir: str) -> ml_collections.ConfigDict:
-  """The trial's own config (config.json), as the trial ran it."""
+  """The trial's own config (config.json), as the trial ran it; ConfigError naming a damaged one."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is not a directory: give a trial directory"
                       " (the one holding config.json and checkpoints/)")
-  try:
-    with open(path) as f:
-      resolved = json.load(f)
-  except FileNotFoundError:
+  if not os.path.lexists(path):
     raise ConfigError(f"--workdir={workdir} has no config.json: give a trial directory"
-                      " (in a sweep, <workdir>/trials/<id>)") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ConfigError(f"{path} is not valid JSON ({error}): rerun the trial to rewrite it") from None
+                      " (in a sweep, <workdir>/trials/<id>)")
+  summary = results.read_json(os.path.join(workdir, "summary.json"))
+  finished = isinstance(summary, dict) and summary.get("status") in results.FINISHED
+  resolved = checkpoint.read_trial_config(path, finished)   # not JSON, not an object, empty
   for key in ("derived", "trial_id", "sweep_axes"):
     resolved.pop(key, None)
   return ml_collections.ConfigDict(resolved)
@@ -95,10 +94,22 @@ def main(argv):
     sys.exit(f"error: {error}")
 
 
+USAGE = "python -m scaling.measure_checkpoint --workdir=<workdir>/trials/<id> [--step=latest]"
+
+
+def parse_flags(argv):
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {error} (usage: {USAGE})")
+  if flags.FLAGS.workdir is None:
+    sys.exit(f"error: --workdir is required: give a trial directory ({USAGE})")
+  return rest
+
+
 if __name__ == "__main__":
   # Defined here, not at import: scaling.main defines --workdir too.
   flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
   flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
   flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,9 +5,20 @@
 Works on partial or still-running sweeps. Reading trials is scaling/results.py, the study protocol
 (best tuned point per batch size, critical-batch fit and interval) scaling/study.py, figures
 against batch size scaling/sweep_plots.py, a trial's curves over training scaling/trial_plots.py.
+
+A trial with a damaged file (results.Damaged: not UTF-8, not JSON, not an object, a directory, no
+batch size) is left out of the report, which the other trials still make: one warning line on
+stderr per such trial naming the file and the fix, and the same as a note in the report; the exit
+status stays 0. Only when no trial is left does the report refuse, exit status 1, and write
+nothing. Bad input (a workdir that is not a directory, a report/ that is a link or a file) and a
+full disk are one line on stderr, exit status 1. The report writes only inside <workdir>/report/,
+each file to a temporary name renamed onto it: a link planted at report/ is refused, one planted
+at a file's name is replaced, never followed, and a full disk leaves the earlier file in place.
 """
 import collections
+import contextlib
 import csv
+import errno
 import html
 import json
 import logging
@@ -254,13 +265,79 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   return "\n".join(parts + ["</body></html>"])
 
 
-def write_report(workdir):
-  """Writes <workdir>/report/ (PNGs, CSVs, index.html) and returns its path."""
-  from scaling import sweep_plots, trial_plots  # matplotlib only when a report is written
+class WriteError(Exception):
+  """The report could not be written (a full disk): one line naming the file."""
+
+
+def _disk_full(error):
+  return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_line(path):
+  try:
+    yield
+  except OSError as error:
+    if not _disk_full(error):
+      raise
+    raise WriteError(f"disk full while writing {path}: free space on its disk and rerun the"
+                     " report, which writes every file again") from None
+
+
+@contextlib.contextmanager
+def _writing(path):
+  """A temporary name beside `path`, renamed onto it when the block ends: a page open in a browser
+  never shows half a file, and a link planted at `path` is replaced, not followed. On a full disk
+  the previous file stays and the temporary one goes (WriteError)."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".tmp{os.getpid()}.{name}")   # savefig's format from the extension
+  try:
+    with _disk_full_as_one_line(path):
+      yield tmp
+      if os.path.lexists(tmp):
+        os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+def report_dir(workdir):
+  """<workdir>/report, or ConfigError when it is a link (it could lead anywhere: the report writes
+  only inside its workdir) or not a directory."""
   out = os.path.join(workdir, results.REPORT_DIR)
-  os.makedirs(out, exist_ok=True)
-  trials = results.load_trials(workdir)
-  notes = [f"{t.trial_id}: {n}" for t in trials for n in t.notes + unconverged_eigenvalues(t)]
+  if os.path.islink(out):
+    raise ConfigError(f"{out} is a link (to {os.readlink(out)}): the report writes only inside its"
+                      f" workdir: remove the link (rm {out}) and rerun the report")
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise ConfigError(f"{out} is not a directory: move it out of the way and rerun the report")
+  return out
+
+
+def _damaged_sweep_json(workdir):
+  """A note when sweep.json (what a sweep plans) is damaged: the report is made without it."""
+  try:
+    results.read_object(os.path.join(workdir, "sweep.json"))
+  except results.Damaged as error:
+    return [f"{error}; the report leaves out how many trials the sweep plans"]
+  return []
+
+
+def write_report(workdir):
+  """Writes <workdir>/report/ (PNGs, CSVs, index.html) and returns its path; the module docstring
+  says what becomes of damaged files. Nothing is written before the trials are read."""
+  from scaling import sweep_plots, trial_plots  # matplotlib only when a report is written
+  out = report_dir(workdir)
+  damaged = []
+  trials = results.load_trials(workdir, damaged)
+  if damaged and not trials:   # each damaged trial named; the last one is the error itself
+    for error in damaged[:-1]:
+      print(f"report error: {error}", file=sys.stderr)
+    raise damaged[-1]
+  notes = [f"left out trial {os.path.relpath(os.path.dirname(e.path), workdir)}: {e}"
+           for e in damaged] + _damaged_sweep_json(workdir)
+  for note in notes:
+    print(f"report: warning: {note}", file=sys.stderr)
+  notes += [f"{t.trial_id}: {n}" for t in trials for n in t.notes + unconverged_eigenvalues(t)]
   if not trials:
     notes.append(f"no trial directories (with a config.json) under {workdir}")
   trows, best_rows = trial_table(trials), study.best_per_batch(trials)
@@ -269,51 +346,43 @@ def write_report(workdir):
     row["last_updated"] = _utc(last_updated(t))
   fits = study.fit_table(best_rows)
   notes += [f"{f['group']}: critical batch fit: {f['note']}" for f in fits if f["note"]]
+  with _disk_full_as_one_line(out):
+    os.makedirs(out, exist_ok=True)
   for name, rows in (("trials", trows), ("best_per_batch", best_rows), ("critical_batch_fit", fits)):
-    write_csv(os.path.join(out, f"{name}.csv"), rows)
+    with _writing(os.path.join(out, f"{name}.csv")) as tmp:
+      write_csv(tmp, rows)
   images = []
   plots = trial_plots.SINGLE_TRIAL_PLOTS if len(trials) == 1 else sweep_plots.PLOTS
   for name, title, fn in plots:
     path = os.path.join(out, name)
-    try:
-      note = fn(path, trials, best_rows, fits)
-    except Exception as e:  # one broken plot must not cost the rest of the report
-      logging.exception("plot %s failed", name)
-      note = f"plot failed: {type(e).__name__}: {e}"
-    if note and os.path.exists(path):
-      os.remove(path)  # a stale image from an earlier report would contradict the note
+    with _writing(path) as tmp:
+      try:
+        note = fn(tmp, trials, best_rows, fits)
+      except Exception as e:  # one broken plot must not cost the rest of the report
+        if _disk_full(e):   # ... but a full disk costs every later file
+          raise
+        logging.exception("plot %s failed", name)
+        note = f"plot failed: {type(e).__name__}: {e}"
+      if note:  # no image: a stale one from an earlier report would contradict the note
+        for stale in (tmp, path):
+          if os.path.lexists(stale):
+            os.remove(stale)
     images.append((name, title, note))
-  with open(os.path.join(out, "index.html"), "w") as f:
+  with _writing(os.path.join(out, "index.html")) as tmp, open(tmp, "w") as f:
     f.write(_index_html(workdir, trials, trows, best_rows, fits, images, notes))
   return out
 
 
 def check_workdir(workdir):
   """The report's bad input, as one ConfigError before anything is written: a workdir that is not
-  a directory, or a trial's config.json / summary.json that is not a JSON object (both are written
-  atomically, so a reader never sees half of one: such a file was damaged after the fact)."""
+  a directory, or a report/ in it that is a link or not a directory (`report_dir`)."""
   if not os.path.isdir(workdir):
     what = "is not a directory" if os.path.exists(workdir) else "does not exist"
     raise ConfigError(f"--workdir={workdir} {what}: pass the --workdir given to scaling.main")
-  for root, dirs, files in os.walk(workdir):
-    dirs[:] = sorted(d for d in dirs if not (root == workdir and d == results.REPORT_DIR))
-    for name in ("config.json", "summary.json") if "config.json" in files else ():
-      path = os.path.join(root, name)
-      if name not in files:
-        continue
-      try:
-        with open(path) as f:
-          content = json.load(f)
-        problem = None if isinstance(content, dict) else "not a JSON object"
-      except OSError as error:
-        raise ConfigError(f"{path} cannot be read ({error.strerror}): fix its permissions"
-                          ) from None
-      except ValueError as error:
-        problem = f"not JSON: {error}"
-      if problem:
-        raise ConfigError(f"{path} is corrupt ({problem}): delete it and rerun that trial with"
-                          " scaling.main, which rewrites it (from the trial's checkpoint if it"
-                          " has one), then rerun the report")
+  report_dir(workdir)
+
+
+USAGE = "python -m scaling.report --workdir=DIR"
 
 
 def main(argv):
@@ -321,21 +390,24 @@ def main(argv):
   del argv
   try:
     check_workdir(flags.FLAGS.workdir)
-  except ConfigError as error:  # bad input: one line naming the file and the fix
+    out = write_report(flags.FLAGS.workdir)
+  except (ConfigError, results.Damaged, WriteError) as error:  # one line: the file and the fix
     sys.exit(f"report error: {error}")
-  print(f"report written to {os.path.join(write_report(flags.FLAGS.workdir), 'index.html')}")
+  print(f"report written to {os.path.join(out, 'index.html')}")
 
 
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Sweep (or single-trial) workdir to report on.")
-  flags.mark_flag_as_required("workdir")
 
   def parse_flags(argv):
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as error:
-      sys.exit(f"report error: {error} (usage: python -m scaling.report --workdir=DIR, the"
-               " --workdir given to scaling.main)")
+      sys.exit(f"report error: {error} (usage: {USAGE}, the --workdir given to scaling.main)")
+    if flags.FLAGS.workdir is None:
+      sys.exit(f"report error: --workdir is required: pass the --workdir given to scaling.main"
+               f" ({USAGE})")
+    return rest
 
   app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,11 @@
 """Trial results on disk -> `Trial` records: what scaling/train.py writes per trial (config.json,
-metrics.jsonl, summary.json), read tolerantly so that partial and still-running sweeps load. No JAX.
+metrics.jsonl, summary.json), read so that partial and still-running sweeps load. No JAX.
+
+A file no run writes is `Damaged`: one line naming it and the fix. config.json and summary.json
+are written atomically, so one that is not a JSON object (or not UTF-8, or a directory) was
+damaged after the fact; metrics.jsonl is appended a line at a time, so a line that is not JSON
+(cut by a kill mid-write; a resume drops it) is skipped, but one that is not UTF-8, or a line
+that is JSON yet not an object with a step, is damage.
 
 Steps to target (Shallue et al. 2018): the first evaluation whose target metric is strictly below
 the target, and beside it the step interpolated between the two bracketing evaluations, linear in
@@ -14,6 +20,7 @@ import os
 import numpy as np
 
 REPORT_DIR = "report"
+FINISHED = ("done", "diverged")   # a rerun skips such a trial (scaling/sweep.py)
 # Sweep axes that are not tuned settings: the batch size, seeds, and what defines a group.
 NOT_TUNED = ("batch_size", "seed", "lr_rule", "lr_power", "optimizer.name", "model.name",
              "dataset.name")
@@ -105,27 +112,101 @@ def flatten(d, prefix=""):
 
 
 def read_json(path):
+  """Whatever JSON the file holds; None when it is absent or damaged (see `read_object`)."""
   try:
     with open(path) as f:
       return json.load(f)
-  except (OSError, ValueError):   # absent, or being written right now
+  except (OSError, ValueError):
     return None
 
 
-def read_metrics(path):
-  """metrics.jsonl -> list of dicts. NaN/Infinity tokens parse; a torn last line is skipped."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    records = [_parse_line(line) for line in f]
-  return [r for r in records if isinstance(r, dict)]
+class Damaged(ValueError):
+  """A trial's (or the sweep's) file that no run writes, as one line: the file, what is wrong
+  with it, and the fix."""
+
+  def __init__(self, path, problem, finished=False, fix=None):
+    super().__init__(f"{path} is damaged ({problem}): {fix or _fix(path, finished)}")
+    self.path = path
 
 
-def _parse_line(line):
+def _fix(path, finished):
+  """What brings back `path`, as rerunning its trial does or does not (a finished trial is skipped
+  by a rerun, so only what a resume writes comes back)."""
+  name, directory = os.path.basename(path), os.path.dirname(path)
+  again = f"delete {directory} and rerun that trial with scaling.main to train it again"
+  if name == "sweep.json":
+    return ("rerun scaling.main with the sweep's --config and --workdir, which writes it again"
+            " (--trial=<the index of a finished trial> trains nothing)")
+  if name == "summary.json":
+    return ("delete it and rerun that trial with scaling.main: it resumes from its latest"
+            " checkpoint and writes it again")
+  if name == "config.json" and not finished:
+    return ("delete it and rerun that trial with scaling.main: it resumes from its checkpoint"
+            " under the current config and writes it again")
+  if name == "config.json":
+    return f"it records what the finished trial ran with: restore it from a copy, or {again}"
+  return f"a rerun cannot rewrite its records: restore it from a copy, or {again}"
+
+
+def _kind(value):
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          type(None): "null"}.get(type(value), "a number")
+
+
+def _read_text(path, finished):
+  """The file's text; Damaged when it is a directory or not UTF-8."""
   try:
-    return json.loads(line)
-  except ValueError:
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise Damaged(path, f"not UTF-8: byte {error.object[error.start]:#x} at offset {error.start}",
+                  finished) from None
+  except IsADirectoryError:
+    raise Damaged(path, "a directory, not a file", finished) from None
+  except PermissionError as error:
+    raise Damaged(path, f"cannot be read: {error.strerror}", fix="fix its permissions") from None
+
+
+def read_object(path, finished=False):
+  """A JSON file that holds an object (config.json, summary.json, sweep.json) as a dict; None when
+  absent; Damaged when it is anything else. `finished`: whether its trial is (for the fix)."""
+  if not os.path.lexists(path):
     return None
+  text = _read_text(path, finished)
+  try:
+    content = json.loads(text)
+  except ValueError as error:
+    raise Damaged(path, f"not JSON: {error}", finished) from None
+  if not isinstance(content, dict):
+    raise Damaged(path, f"not a JSON object: it holds {_kind(content)}", finished)
+  return content
+
+
+def read_config(path, finished=False):
+  """A trial's config.json (as `read_object`), Damaged also when empty."""
+  config = read_object(path, finished)
+  if config == {}:
+    raise Damaged(path, "an empty object, not the trial's config", finished)
+  return config
+
+
+def read_metrics(path, finished=False):
+  """metrics.jsonl -> list of dicts; [] when absent. NaN/Infinity tokens parse; a line that is not
+  JSON (a torn last line) is skipped; Damaged as the module says."""
+  if not os.path.lexists(path):
+    return []
+  records = []
+  for number, line in enumerate(_read_text(path, finished).splitlines(), 1):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if not isinstance(record, dict):
+      raise Damaged(path, f"line {number} holds {_kind(record)}, not a JSON object", finished)
+    if type(record.get("step")) is not int:
+      raise Damaged(path, f"line {number} has no integer step", finished)
+    records.append(record)
+  return records
 
 
 def first_below(records, metric, value, batch_size):
@@ -170,12 +251,18 @@ def _at_target(records, summary_target, steps):
 
 
 def _load_trial(path):
-  config = read_json(os.path.join(path, "config.json"))
-  if not isinstance(config, dict):
+  """The trial in `path`; None without a config.json; Damaged (see the module docstring)."""
+  summary = read_object(os.path.join(path, "summary.json"))
+  finished = (summary or {}).get("status") in FINISHED
+  config = read_config(os.path.join(path, "config.json"), finished)
+  if config is None:
     return None
-  summary = read_json(os.path.join(path, "summary.json"))
-  s = summary if isinstance(summary, dict) else {}
-  records = read_metrics(os.path.join(path, "metrics.jsonl"))
+  if type(config.get("batch_size")) is not int or config["batch_size"] < 1:
+    # Every number of the report is computed from it (examples, the critical batch fit).
+    raise Damaged(os.path.join(path, "config.json"), "no batch_size, a positive integer: it holds"
+                  f" {config.get('batch_size')!r}", finished)
+  s = summary or {}
+  records = read_metrics(os.path.join(path, "metrics.jsonl"), finished)
   bs, notes = int(get(config, "batch_size", 0)), []
   target = s.get("target") or {}
   metric = target.get("metric") or get(config, "target.metric", "valid/error")
@@ -262,9 +349,20 @@ def varying_fields(trials):
   return {k: v for k, v in values.items() if len(v) > 1}
 
 
-def load_trials(workdir):
-  """All trials under `workdir`, sorted by (group, batch size, seed, id)."""
-  trials = [t for t in map(_load_trial, find_trial_dirs(workdir)) if t is not None]
+def load_trials(workdir, damaged=None):
+  """All trials under `workdir`, sorted by (group, batch size, seed, id). A trial with a damaged
+  file raises its `Damaged`; or, given a list `damaged`, is left out and its error appended."""
+  trials = []
+  for path in find_trial_dirs(workdir):
+    try:
+      trial = _load_trial(path)
+    except Damaged as error:
+      if damaged is None:
+        raise
+      damaged.append(error)
+      continue
+    if trial is not None:
+      trials.append(trial)
   varying = varying_fields(trials)
   ids = collections.Counter(t.trial_id for t in trials)
   for t in trials:

@@ -8,14 +8,19 @@ login node while the array trains. For a run without a sweep it shows the one tr
 `pending` until it writes config.json, then `running` until its summary says otherwise (`done`,
 `diverged`, `preempted`); `updated` is the age of its last write, which tells a stale `running`
 (a killed node) from a live one.
+
+A damaged file (scaling/results.py says which are) hides nothing else: every trial is still listed
+(from the directories under trials/ when sweep.json is damaged; `damaged` where its summary.json
+is), each damaged file is named on stderr in one line with its fix, and the exit status is 1.
 """
 import dataclasses
-import json
 import os
 import sys
 import time
 
-ORDER = ("done", "diverged", "running", "preempted", "pending")
+from scaling import results
+
+ORDER = ("done", "diverged", "running", "preempted", "pending", "damaged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,60 +36,81 @@ class TrialStatus:
   updated: float | None          # unix time of the trial's last write
 
 
-def _read_json(path: str) -> dict | None:
+def _number(value):
+  return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _read(reader, path: str, damaged: list, finished: bool = False):
+  """reader(path, finished), or None with its one line appended to `damaged`."""
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):   # absent, or mid-write by a live trial
+    return reader(path, finished)
+  except results.Damaged as error:
+    damaged.append(str(error))
     return None
 
 
-def _metrics(path: str) -> tuple[int, float | None, float | None]:
-  """metrics.jsonl -> (last step, last validation error, last wall time)."""
-  step, valid_error, wall_time = 0, None, None
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:   # the line a live trial is writing
-          continue
-        step = max(step, record.get("step", 0))
-        wall_time = record.get("wall_time", wall_time)
-        valid_error = record.get("valid/error", valid_error)
-  except FileNotFoundError:
-    pass
-  return step, valid_error, wall_time
-
-
-def trial_status(directory: str, index: int | None, trial_id: str) -> TrialStatus:
-  summary = _read_json(os.path.join(directory, "summary.json")) or {}
-  config = _read_json(os.path.join(directory, "config.json")) or {}
-  step, valid_error, wall_time = _metrics(os.path.join(directory, "metrics.jsonl"))
-  status = summary.get("status") or ("running" if config else "pending")
-  mtimes = [os.path.getmtime(p) for p in (os.path.join(directory, name) for name in
-                                          ("summary.json", "metrics.jsonl", "config.json"))
-            if os.path.exists(p)]
+def trial_status(directory: str, index: int | None, trial_id: str | None,
+                 damaged: list | None = None) -> TrialStatus:
+  """The trial in `directory` (its id from config.json when `trial_id` is None); one line per
+  damaged file appended to `damaged`."""
+  damaged = [] if damaged is None else damaged
+  path = lambda name: os.path.join(directory, name)
+  summary = _read(results.read_object, path("summary.json"), damaged)
+  summary_damaged = summary is None and os.path.lexists(path("summary.json"))
+  summary = summary or {}
+  finished = summary.get("status") in results.FINISHED
+  config = _read(results.read_config, path("config.json"), damaged, finished) or {}
+  records = _read(results.read_metrics, path("metrics.jsonl"), damaged, finished) or []
+  status = ("damaged" if summary_damaged else str(summary["status"]) if "status" in summary else
+            "running" if os.path.lexists(path("config.json")) else "pending")
+  last = lambda key: next((r[key] for r in reversed(records) if _number(r.get(key)) is not None),
+                          None)
+  valid_error = last("valid/error")
+  if valid_error is None:
+    valid_error = _number(results.get(summary, "final.valid/error"))
+  mtimes = [os.path.getmtime(p) for p in map(path, ("summary.json", "metrics.jsonl",
+                                                    "config.json")) if os.path.exists(p)]
   return TrialStatus(
-      index=index, id=trial_id, status=status, step=max(step, summary.get("step", 0)),
-      total_steps=config.get("derived", {}).get("total_steps"),
-      steps_to_target=(summary.get("target") or {}).get("step"),
-      valid_error=valid_error if valid_error is not None else
-      (summary.get("final") or {}).get("valid/error"),
-      wall_time=max((t for t in (wall_time, summary.get("wall_time")) if t is not None),
-                    default=None),
+      index=index, id=trial_id or str(config.get("trial_id") or os.path.basename(directory)),
+      status=status,
+      step=max([r["step"] for r in records] + [_number(summary.get("step")) or 0]),
+      total_steps=_number(results.get(config, "derived.total_steps")),
+      steps_to_target=_number(results.get(summary, "target.step")),
+      valid_error=valid_error,
+      wall_time=max((t for t in (last("wall_time"), _number(summary.get("wall_time")))
+                     if t is not None), default=None),
       updated=max(mtimes, default=None))
 
 
-def sweep_status(workdir: str) -> list[TrialStatus]:
-  """Every trial of the sweep in `workdir` (or its one trial); [] when none has started."""
-  sweep = _read_json(os.path.join(workdir, "sweep.json"))
-  if sweep:
-    return [trial_status(os.path.join(workdir, t["directory"]), t["index"], t["id"])
-            for t in sweep["trials"]]
-  if any(os.path.exists(os.path.join(workdir, n)) for n in ("config.json", "summary.json")):
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
-    return [trial_status(workdir, None, config.get("trial_id", "trial"))]
+def _sweep_trials(workdir: str, damaged: list) -> list | None:
+  """sweep.json's trials; None when there is no sweep.json or it is damaged (one line)."""
+  path = os.path.join(workdir, "sweep.json")
+  sweep = _read(results.read_object, path, damaged)
+  if sweep is None:
+    return None
+  trials = sweep.get("trials")
+  if isinstance(trials, list) and all(isinstance(t, dict) and isinstance(t.get("directory"), str)
+                                      for t in trials):
+    return trials
+  damaged.append(str(results.Damaged(path, "no list of trials, each with its directory")))
+  return None
+
+
+def sweep_status(workdir: str, damaged: list | None = None) -> list[TrialStatus]:
+  """Every trial of the sweep in `workdir` (or its one trial); [] when none has started. Each
+  damaged file is one line appended to `damaged`."""
+  damaged = [] if damaged is None else damaged
+  trials = _sweep_trials(workdir, damaged)
+  if trials is not None:
+    return [trial_status(os.path.join(workdir, t["directory"]), t.get("index"),
+                         str(t.get("id", t["directory"])), damaged) for t in trials]
+  trials_dir = os.path.join(workdir, "trials")
+  if os.path.isdir(trials_dir):   # the trials started so far, without sweep.json's order
+    return [trial_status(os.path.join(trials_dir, name), None, None, damaged)
+            for name in sorted(os.listdir(trials_dir))
+            if os.path.isdir(os.path.join(trials_dir, name))]
+  if any(os.path.lexists(os.path.join(workdir, n)) for n in ("config.json", "summary.json")):
+    return [trial_status(workdir, None, None, damaged)]
   return []
 
 
@@ -127,21 +153,38 @@ def format_table(rows: list[TrialStatus], now: float | None = None) -> str:
   return "\n".join(lines)
 
 
+USAGE = "python -m scaling.status --workdir=DIR"
+
+
 def main(argv):
   from absl import flags
   del argv
   workdir = flags.FLAGS.workdir
   if not os.path.isdir(workdir):
     sys.exit(f"status: {workdir} is not a directory: give the --workdir of a run or sweep")
-  rows = sweep_status(workdir)
-  if not rows:
+  damaged = []
+  rows = sweep_status(workdir, damaged)
+  if rows:
+    print(format_table(rows))
+  elif not damaged:
     print(f"no trial has started in {workdir} yet (sweep.json appears when the first one starts)")
-    return
-  print(format_table(rows))
+  for line in damaged[:-1]:
+    print(f"status: {line}", file=sys.stderr)
+  if damaged:
+    sys.exit(f"status: {damaged[-1]}")
 
 
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "The workdir of a sweep or of a single run.")
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+
+  def parse_flags(argv):
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as error:
+      sys.exit(f"status: {error} (usage: {USAGE})")
+    if flags.FLAGS.workdir is None:
+      sys.exit(f"status: --workdir is required: give the --workdir of a run or sweep ({USAGE})")
+    return rest
+
+  app.run(main, flags_parser=parse_flags)

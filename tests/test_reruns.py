@@ -54,6 +54,7 @@ def workdir(trained, tmp_path):
 
 
 def test_a_changed_config_is_refused_before_any_trial_trains(workdir):
+  os.remove(_trial(workdir) / "summary.json")   # trial 1 preempted (its checkpoints kept)
   sweep_json = (workdir / "sweep.json").read_bytes()
   result = run_main(workdir, "--config.base_lr=0.1")
   assert_one_line(result, f"trials/{TRIAL_1}", "base_lr was 0.05, now 0.1")
