@@ -204,7 +204,7 @@ RESUME_MAY_CHANGE = ("num_devices", "checkpoint", "dataset.data_dir", "sweep", "
                      "derived.microbatching", "chunk_steps", "eval_batch_size", "cluster",
                      # both placements of the training set read the same order
                      "dataset.placement", "dataset.device_fraction", "derived.data_placement",
-                     # a group trains vmapped or alone to the same numbers
+                     # a group trains vmapped or alone to the same numbers, up to float32 rounding
                      "vectorize_trials")
 
 

@@ -30,8 +30,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", "~/.cache/scaling/jax", "Persistent XLA compilation cache ('' = off):"
-    " trials of a sweep and reruns reuse compiled steps instead of compiling again.")
+    "compilation_cache", None, "Persistent XLA compilation cache ('' = off; default"
+    " $JAX_COMPILATION_CACHE_DIR, else ~/.cache/scaling/jax): trials of a sweep and reruns reuse"
+    " compiled steps instead of compiling again.")
 _PLAN_MEMORY = flags.DEFINE_bool(
     "plan_memory", False, "Print each sweep batch size's per-device memory for one training step"
     " (XLA's compiled memory analysis, nothing runs) and the largest power-of-two batch that fits.")
@@ -89,9 +90,11 @@ def main(argv):
                         " memory in MiB > 0 (or 0: the device's own limit)")
     if _DISTRIBUTED.value or _COORDINATOR.value:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if _CACHE.value:
+    cache = (_CACHE.value if _CACHE.value is not None else
+             os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/scaling/jax"))
+    if cache:
       import jax
-      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from scaling import metrics, sweep
     if _PLAN_MEMORY.value:

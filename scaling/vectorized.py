@@ -4,8 +4,9 @@ Trials whose configs differ only in VMAPPED_FIELDS (the seed: the init, data-ord
 augmentation keys; base_lr and lr_multiplier: the peak learning rate) share the model, the batch
 size and every shape, so one jitted chunk trains M of them: `jax.vmap` of `chunk.train_chunk` over
 a stacked TrainState [M, ...] and each member's chunk.TrialInputs (peak LR, data and augmentation
-keys, initial parameters: the runtime arguments of a solo run's chunk), so a member does exactly a
-solo run's arithmetic. The chunk's runtime step count (num_active) is the group's, unbatched.
+keys, initial parameters: the runtime arguments of a solo run's chunk), so a member does a solo
+run's arithmetic, up to the order XLA gives the sums of the vmapped shapes (float32 rounding,
+~1e-7 relative per step: README, tests/test_vectorized.py). The chunk's runtime step count (num_active) is the group's, unbatched.
 The training set must live on the devices: the host data path (dataset.placement='host', or
 'auto' with a set too large) reads one order per trial on the host and is refused here.
 

@@ -2,7 +2,8 @@
 scaling.main` in a subprocess): a changed config is refused before any trial trains and leaves
 sweep.json as it was; a damaged file of a trial is one line naming it and the fix, never a
 traceback and never a restart that empties the trial's records; records lost before the resume
-step are reported. Also the multi-process flags and the one-line promise after JAX is imported.
+step are reported. Also the multi-process flags, the one-line promise after JAX is imported, and
+the compilation cache a run uses (the environment's, so a test run never reads the user's).
 
 One 2-trial sweep of the tiny config is trained once for the module (trial 1 only, ~10 s); each
 case copies it before changing anything.
@@ -161,3 +162,15 @@ def test_bad_distributed_flags_are_one_line(tmp_path, flags, names):
          if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
   result = run_main(tmp_path / "run", *flags, env=env)
   assert_one_line(result, *names)
+
+
+def test_the_compilation_cache_follows_the_environment(tmp_path):
+  """--compilation_cache defaulted to ~/.cache/scaling/jax even with JAX_COMPILATION_CACHE_DIR
+  set: every test's subprocess read and wrote the user's cache."""
+  env = {**os.environ, "HOME": str(tmp_path / "home"),
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  result = run_main(tmp_path / "run", "--trial=0",
+                    "--config.budget.length=6", env=env)
+  assert result.returncode == 0, result.stderr
+  assert os.listdir(tmp_path / "cache")
+  assert not os.path.exists(tmp_path / "home" / ".cache" / "scaling")
