@@ -298,6 +298,20 @@ def _explain(error: Exception | None, argv: list[str]) -> str:
   return message
 
 
+def repeated_override(argv: list[str]) -> str | None:
+  """A --config.<field> given twice: ml_collections would join two tuples into one axis
+  ('(0,1)' then '(0,)' sweeps seeds 0, 1, 0) where absl takes the last value of other flags."""
+  seen = set()
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if match and match.group(1) in seen:
+      return (f"--config.{match.group(1)} is given twice: give it once, with the value you"
+              " mean (a tuple lists every value of an axis)")
+    if match:
+      seen.add(match.group(1))
+  return None
+
+
 def axis_overridden(config, argv: list[str]) -> str | None:
   """What is wrong when a --config.<field> in argv is a field a sweep axis sets in every trial
   (the override would be silently replaced by the axis values), or None."""
@@ -331,7 +345,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   if rest[1:]:
     sys.exit(f"config error: unexpected argument {rest[1]!r}: every option is a flag,"
              " --name=value (a value with spaces goes in quotes)")
-  problem = axis_overridden(flags.FLAGS["config"].value, argv)
+  problem = repeated_override(argv) or axis_overridden(flags.FLAGS["config"].value, argv)
   if problem:
     sys.exit(f"config error: {problem}")
   return rest

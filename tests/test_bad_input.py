@@ -86,6 +86,9 @@ MAIN_CASES = {
                                 ["--config.batch_size", "sweep axis sweep.batch_size",
                                  "--config.sweep.batch_size="]),
     "positional argument": ([TINY, "extra_positional"], ["unexpected argument 'extra_positional'"]),
+    # ml_collections joined the two tuples: seeds 0, 1, 0.
+    "override given twice": ([TINY, "--config.sweep.seed=(0,1)", "--config.sweep.seed=(0,)"],
+                             ["--config.sweep.seed is given twice"]),
     "config file calls sys.exit": (["--config={tmp}/exits.py"], ["exits.py", "SystemExit: 3"]),
     "colon in the config path": (["--config={tmp}/a:b.py"], ["a:b.py", "a ':' ends the file's path"]),
     "empty workdir": ([TINY, "--workdir="], ["--workdir is empty"]),
