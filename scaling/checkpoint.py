@@ -44,9 +44,9 @@ from scaling import metrics
 from scaling.config import ConfigError
 
 # The train state is small and replicated. Orbax's default replica-parallel save has every device
-# write a slice of each array, which compiles a slicing op per array and device (~7 s before the
-# first save of the MNIST CNN on 8 CPU devices; benchmarks/bench_checkpoint.py) and gains nothing
-# here: one replica writes each array instead.
+# write a slice of each array, which compiles a slicing op per array and device before the first
+# save (benchmarks/README.md: one replica writes each checkpoint array) and gains nothing here:
+# one replica writes each array instead.
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 

@@ -51,7 +51,7 @@ def record_end_metrics(step, params, init_params, *, log_every_steps: int, total
   """chunk_end_metrics after a chunk whose last step (`step` steps done) writes a train record
   (bookkeeping.log_train: every log_every_steps and the last step; the loop ends a chunk at each),
   zeros after any other chunk, whose end metrics nothing reads. In a cond: computed after every
-  4-step chunk they cost ~3% of the CNN's chunk at B = 32 on XLA:CPU (benchmarks/README.md)."""
+  short chunk they are a visible share of it (benchmarks/README.md: chunk-end metrics)."""
   at_record = bookkeeping.is_record_step(step, log_every_steps, total_steps)
   shapes = jax.eval_shape(chunk_end_metrics, params, init_params)
   return jax.lax.cond(at_record, lambda: chunk_end_metrics(params, init_params),
@@ -68,14 +68,15 @@ def train_chunk(state, order_N, arrays, inputs: TrialInputs, num_active, *, num_
 
   `order_N` is the order of the epoch `state.step` is in (CarriedOrder holds it between chunks);
   a step that starts an epoch makes the next one. Recomputing it at every chunk's start instead
-  cost as much as ~8 steps at B = 16 on full MNIST (a shuffle of 55,000 indices).
+  shuffles the whole training set per chunk, at small batches the cost of several steps
+  (benchmarks/README.md: carried epoch order).
 
   Returns the state, the order, the per-step metrics [num_steps] (zeros past num_active) and
   `end_metrics(step, params, init_params)` after the last step (record_end_metrics).
   Rolled (`unroll` false): a loop of num_active iterations. Unrolled (XLA:CPU's convolutions are
-  ~10x slower in loops): all num_steps steps, with no lax.cond around them (a step inside a cond
-  is as slow as in a loop: 12x for the CNN's step, measured), so the caller passes num_steps =
-  num_active (LoopSpec.chunk_length): one program per distinct length, at most chunk_steps.
+  far slower in loops): all num_steps steps, with no lax.cond around them (a step inside a cond
+  is as slow as in a loop; benchmarks/README.md: unrolled chunks), so the caller passes num_steps
+  = num_active (LoopSpec.chunk_length): one program per distinct length, at most chunk_steps.
   """
   n, data_key = num_examples, inputs.data_key
 

@@ -14,12 +14,10 @@ the cross-device reductions; nothing here is device-aware. Vectors are pytrees s
 
 XLA:CPU and convolutions (`unroll`): inside any while/cond body XLA:CPU leaves the kernel-gradient
 convolution in a generic, slow form (at the top level it is rewritten into the fast path), so an
-HVP inside a lax loop costs far more for a conv net: the kernel-gradient conv alone 29x in a loop
-and 22x in a cond; one Hutchinson probe of the Shallue CNN 77 gradients in lax.map (on a loaded
-machine) against 1.3 unrolled. Dense-only models are unaffected; GPUs/TPUs were not measured.
-unroll=True traces the fixed-count loops into straight-line code (fast convolutions; compile time
-grows with the steps: 20 unrolled Lanczos steps of the CNN compile in 12 s and cost 31 gradients).
-Use it for conv nets on CPU. power_iteration has a data-dependent while_loop and no unroll.
+HVP inside a lax loop costs far more for a conv net; dense-only models are unaffected
+(benchmarks/README.md: unrolled curvature loops). unroll=True traces the fixed-count loops into
+straight-line code (fast convolutions; compile time grows with the steps). Use it for conv nets on
+CPU. power_iteration has a data-dependent while_loop and no unroll.
 
 Public API
   hvp(loss_fn, params, v, mode="fwd_rev") -> pytree                     H v
@@ -77,8 +75,8 @@ def _dtype(params: Pytree):
 
 def _rademacher_flat(key: jax.Array, n: int, dtype) -> jax.Array:
   # One random uint32 gives 32 signs, and one draw serves all leaves: per-leaf
-  # jax.random.rademacher measured ~18x slower on CPU (2 leaves, 200M entries: 11 s vs 0.6 s)
-  # and ~1 s more compilation per leaf.
+  # jax.random.rademacher runs and compiles slower (benchmarks/README.md: Rademacher signs in
+  # one draw).
   words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
   bits_N = ((words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).reshape(-1)[:n]
   return 2 * bits_N.astype(dtype) - 1
@@ -102,10 +100,8 @@ def hvp(loss_fn: LossFn, params: Pytree, v: Pytree, mode: str = "fwd_rev") -> Py
 
   fwd_rev (default): jvp of grad, one forward-mode pass through the backward graph.
   rev_rev: grad of <grad, v>; kept for comparison and for functions with custom_vjp (no jvp).
-  Measured by benchmarks/bench_curvature.py (2-core CPU shared with other jobs, batch 1024, in
-  units of one jitted gradient, several runs): MLP 784-512-512-10 (670k): fwd_rev 1.9, rev_rev
-  1.6-1.9 (a tie within the noise); Shallue CNN (3.3M): fwd_rev 1.6-1.7 (2.3 under heavy
-  load), rev_rev 9.7-16 (XLA:CPU differentiates conv/max-pool twice in reverse badly).
+  fwd_rev ties with rev_rev on dense models and is several times cheaper on conv nets, which
+  XLA:CPU differentiates twice in reverse badly (benchmarks/README.md: HVP mode).
   """
   if mode == "fwd_rev":
     return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
@@ -121,9 +117,9 @@ def hutchinson_probes(loss_fn: LossFn, params: Pytree, key: jax.Array, start, nu
   """[num_probes] samples z_i^T H z_i, z_i Rademacher from fold_in(key, i), i = start, start + 1...
 
   Jittable with `start` traced, so one compiled chunk serves every call of hutchinson_trace.
-  Probes run one after another: vmap over them shares the primal gradient but measured slower on
-  CPU (MLP 784-512-512-10, batch 1024: 2.1 vs 1.5 gradients per probe) and takes num_probes x
-  memory. unroll: see the module notes (XLA:CPU and convolutions).
+  Probes run one after another: vmap over them shares the primal gradient but was slower on CPU
+  (benchmarks/README.md: Hutchinson probes one after another) and takes num_probes x memory.
+  unroll: see the module notes (XLA:CPU and convolutions).
   """
   def probe(i):
     z = rademacher_like(jax.random.fold_in(key, i), params)
@@ -180,9 +176,8 @@ def _lanczos(loss_fn: LossFn, params: Pytree, v0: Pytree, num_steps: int, unroll
   diagonal and betas[:-1] beside it, and H Q^T = Q^T T + betas[-1] q_{m+1} e_m^T, so a Ritz pair
   (theta_i, Q^T s_i) has residual |H y - theta y| = |betas[-1] * s_i[-1]| (Parlett, ch. 13).
   The basis is one flat [m, n] array, not tree-stacked: a projection is then two matrix-vector
-  products whatever the number of leaves, and compilation is 2-3x faster (test MLP: 3 s vs
-  7.5 s). The four projections read the basis 4 times a step: memory-bound, ~0.6 gradients a step
-  at m=20 for the 670k MLP, batch 1024.
+  products whatever the number of leaves, and compilation is faster. The four projections read
+  the basis 4 times a step: memory-bound (benchmarks/README.md: a flat Lanczos basis).
   On breakdown (the Krylov space is invariant, e.g. v0 an exact eigenvector) the next vector is a
   fresh random one orthogonal to the basis and its beta is set to 0, so T splits into blocks whose
   eigenvalues are still eigenvalues of H; the block holding e_1 carries all of v0's weight.

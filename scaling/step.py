@@ -20,9 +20,9 @@ microbatch of b examples; the ResNet over ghost batches of `model.ghost_batch_si
 microbatch, a size fixed by the config whatever the batch size, groups, K or device count.
 
 Microbatches run as an unrolled Python loop when K = 1, not lax.map/vmap: XLA:CPU runs
-convolutions inside loops ~10x slower, and vmapped kernel gradients become grouped convolutions,
-~5x slower (measured on the simple CNN, batch 128, in benchmarks/bench_step.py). K > 1 trades that
-speed (on CPU, for conv nets) for memory; dense models lose nothing in the loop.
+convolutions inside loops far slower, and vmapped kernel gradients become grouped convolutions,
+slower too (benchmarks/README.md: microbatch loop). K > 1 trades that speed (on CPU, for conv
+nets) for memory; dense models lose nothing in the loop.
 """
 import dataclasses
 import functools
@@ -206,8 +206,8 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
           lambda carry, i: (microbatches(carry, take(images_LxX, i), take(labels_L, i)), None),
           zeros, jnp.arange(mb.accumulation_steps))
     # check_vma=False below: everything stays per-device until this explicit all-reduce. On a
-    # one-device mesh XLA:CPU still runs the all-reduce, a copy of every gradient: ~3% of the
-    # CNN's step at B = 32 (benchmarks/README.md).
+    # one-device mesh XLA:CPU would still run it, as a copy of every gradient
+    # (benchmarks/README.md: one-device all-reduce).
     if mesh.shape[axis] > 1:
       sums = jax.lax.psum(sums, axis)
     grads, small_grad_sq, big_grad_sq = noise_scale.finish_group_grad_stats(

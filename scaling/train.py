@@ -4,9 +4,9 @@
 The training data live on the devices (replicated; they are small) and `chunk_steps` steps run per
 dispatch in one program (scaling/chunk.py), so Python overhead does not dominate small batches;
 scaling/loop.py dispatches the chunks, evaluates, measures curvature, checkpoints and records.
-`chunk_unroll` unrolls the chunk's steps: XLA:CPU runs convolutions inside a loop ~10x slower than
-unrolled (measured, benchmarks/bench_step.py), and inside a lax.cond as slowly, so CNN configs on
-CPU unroll short chunks and compile one per distinct length.
+`chunk_unroll` unrolls the chunk's steps: XLA:CPU runs convolutions inside a loop, or inside a
+lax.cond, far slower than unrolled (benchmarks/README.md: unrolled chunks), so CNN configs on CPU
+unroll short chunks and compile one per distinct length.
 A training set too large for the devices (`dataset.placement`) is read per batch on the host in
 the same order instead (scaling/data/host.py: `HostChunk` stands in for the jitted chunk).
 """

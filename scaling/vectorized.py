@@ -113,8 +113,8 @@ def vectorized_chunk(state_M, order_MxN, inputs_M, active_M, arrays, num_active,
 
   The members train in lockstep, so they share one unbatched step counter: with a batched one,
   vmap turns the epoch's `lax.cond` (a new permutation of the training set at each epoch start)
-  into a select that computes the permutation at every step (measured: ~30x slower per step on
-  full MNIST). Frozen members' counters advance too; their state is final on disk already."""
+  into a select that computes the permutation at every step (benchmarks/README.md: a shared step
+  counter). Frozen members' counters advance too; their state is final on disk already."""
   step = state_M.step[0]
 
   def one(state, order_N, inputs, active):

@@ -1,4 +1,4 @@
-"""Issue 14: compile once per program shape; a runtime peak LR; per-step overhead; the planner."""
+"""Speed: compile once per program shape; a runtime peak LR; per-step overhead; the planner."""
 import contextlib
 
 import jax

@@ -225,7 +225,7 @@ def _remove_if_empty(directory: str) -> None:
 
 def _reader(builder, split: str):
   """A split's random access: indices [n] -> (images [n, ...], labels int32 [n]), one batched
-  read per call (per-index reads are ~10x slower)."""
+  read per call (per-index reads are far slower; benchmarks/README.md: batched host reads)."""
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ConfigError(f"dataset.name={builder.name!r} is prepared as"
                       f" {builder.info.file_format.value} in the data dir, and only array_record"
