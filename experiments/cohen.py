@@ -17,7 +17,6 @@ sharpness / T lies in HOVER. The claim holds when every run reaches and hovers; 
 a run that reached T does not hover (or a run diverged); INCONCLUSIVE when a run never reached
 0.9 T within its budget (progressive sharpening too slow for the budget, not evidence against).
 """
-import sys
 
 import ml_collections
 import numpy as np
@@ -126,4 +125,4 @@ def run(args) -> list[common.Verdict]:
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0])
+  common.main(run)

@@ -179,5 +179,4 @@ def run(args) -> list[common.Verdict]:
 
 
 if __name__ == "__main__":
-  import sys
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0])
+  common.main(run)

@@ -18,7 +18,6 @@ as the paper's. Paper (Table 1, ResNet-44 on CIFAR-10, SB 128 vs LB 4096): 7.81 
 Ghost BN on the BN MLP of `here`: its BN statistics are per gradient group (grad_groups groups of
 B / grad_groups examples, scaling/step.py), so ghost batches of g examples are grad_groups = B / g.
 """
-import sys
 
 import ml_collections
 import numpy as np
@@ -149,4 +148,4 @@ def run(args) -> list[common.Verdict]:
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0])
+  common.main(run)

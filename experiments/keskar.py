@@ -189,4 +189,4 @@ def run(args) -> list[common.Verdict]:
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0])
+  common.main(run)

@@ -18,7 +18,6 @@ tol = max(3 D_seed, TOL_FLOOR). Claim 1 (sqrt overlays): every B has D_sqrt(B) <
 (linear does not): some B has D_linear(B) > tol.
 """
 import math
-import sys
 
 import ml_collections
 import numpy as np
@@ -126,4 +125,4 @@ def run(args) -> list[common.Verdict]:
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0])
+  common.main(run)

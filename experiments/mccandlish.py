@@ -15,8 +15,8 @@ size (scaling/study.py). Claims, per optimizer group:
 """
 import math
 import os
-import sys
 
+from absl import flags
 import numpy as np
 from scipy import stats
 
@@ -115,10 +115,9 @@ def hyperbola(rows, fit, label=""):
   return common.decide(claim, holds, evidence, rule)
 
 
-def add_arguments(parser):
-  parser.add_argument("--shallue_workdir", default="",
-                      help="the Shallue experiment's workdir to read (and complete if needed); "
-                           "'' = <workdir>/shallue")
+def add_flags(flag_values):
+  flags.DEFINE_string("shallue_workdir", "", "the Shallue experiment's workdir to read (and"
+                      " complete if needed); '' = <workdir>/shallue", flag_values=flag_values)
 
 
 def run(args):
@@ -137,4 +136,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0], add_arguments)
+  common.main(run, add_flags)

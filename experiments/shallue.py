@@ -22,8 +22,8 @@ plain SGD beside it. smoke: mnist_tiny, seconds.
 """
 import math
 import os
-import sys
 
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -270,10 +270,10 @@ def run_sweeps(scale, workdir, parts=PARTS):
   return found
 
 
-def add_arguments(parser):
-  parser.add_argument("--part", choices=("all",) + PARTS, default="all",
-                      help="the sub-sweep to run (each <= 20 CPU-minutes at --scale=here); the "
-                           "verdicts use every part found in the workdir")
+def add_flags(flag_values):
+  flags.DEFINE_enum("part", "all", ("all",) + PARTS, "the sub-sweep to run (each <= 20"
+                    " CPU-minutes at --scale=here); the verdicts use every part found in the"
+                    " workdir", flag_values=flag_values)
 
 
 def run(args):
@@ -285,4 +285,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-  common.main(run, sys.argv[1:], __doc__.splitlines()[0], add_arguments)
+  common.main(run, add_flags)

@@ -18,9 +18,9 @@ def run_smoke(module, workdir, capsys, monkeypatch, *, claims: int, reports=("",
   # broken plot could not fail this test anyway (the plots have their own tests).
   monkeypatch.setattr(sweep_plots, "PLOTS", [])
   monkeypatch.setattr(trial_plots, "SINGLE_TRIAL_PLOTS", [])
-  name = module.__name__.rsplit(".", 1)[-1]
-  common.main(module.run, [f"--workdir={workdir}", "--scale=smoke", *argv], name,
-              getattr(module, "add_arguments", None))
+  args = common.parse_args([f"--workdir={workdir}", "--scale=smoke", *argv],
+                           getattr(module, "add_flags", None))
+  common.run_experiment(module.run, args)
   out = capsys.readouterr().out
   printed = [line for line in out.splitlines() if line.split(":")[0] in OUTCOMES]
   with open(os.path.join(workdir, "verdicts.json")) as f:
