@@ -212,7 +212,7 @@ def test_shipped_configs_and_edge_values_pass():
 
 @pytest.mark.parametrize("paper", ["goyal", "hoffer"])
 def test_an_experiment_refuses_an_empty_workdir(paper):
-  """It was a FileNotFoundError traceback from the first sweep's makedirs. Every experiment
-  parses its flags in experiments.common.parse_args: two of the seven stand for all."""
+  """Every experiment parses its flags in experiments.common (parse_flags): two of the seven
+  stand for all."""
   assert_one_line_error(run_cli(f"experiments.{paper}", "--workdir=", "--scale=smoke"),
                         "--workdir is empty")
