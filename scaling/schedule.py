@@ -106,6 +106,20 @@ def make_plan(config, train_examples: int) -> Plan:
   )
 
 
+def step_boundaries(fractions, factor: float, decay_steps: int) -> dict[int, float]:
+  """{post-warmup step: scale} of a step decay: post-warmup step c is multiplied by `factor` once
+  for every boundary b with c >= b * decay_steps (Goyal et al.: x0.1 from epoch 30 of 90 on).
+  A boundary is the first step at or past its fraction (rounded up, after rounding away float
+  noise such as 1/3 * 90 = 30.000000000000004), never earlier; boundaries that land on one step
+  multiply there (as a dict keyed by step, they replaced each other: a few-step run lost a
+  decay)."""
+  scales = {}
+  for b in fractions:
+    at = math.ceil(round(b * decay_steps, 9))
+    scales[at] = scales.get(at, 1.0) * factor
+  return scales
+
+
 def learning_rate_fn(plan: Plan, decay, warmup_init_fraction: float,
                      peak: float | None = None) -> optax.Schedule:
   """Linear warmup from init_fraction * lr to lr, then the chosen decay over the remaining steps.
@@ -124,8 +138,8 @@ def learning_rate_fn(plan: Plan, decay, warmup_init_fraction: float,
   elif decay.name == "linear":
     after = optax.linear_schedule(plan.lr, final, decay_steps)
   else:  # step: multiply by `factor` at each boundary, given as fractions of the post-warmup steps
-    boundaries = {int(b * decay_steps): decay.factor for b in decay.boundaries}
-    after = optax.piecewise_constant_schedule(plan.lr, boundaries)
+    after = optax.piecewise_constant_schedule(plan.lr, step_boundaries(
+        decay.boundaries, decay.factor, decay_steps))
   if plan.warmup_steps == 0:
     return after
   warm = optax.linear_schedule(warmup_init_fraction * plan.lr, plan.lr, plan.warmup_steps)

@@ -1,5 +1,6 @@
 """LR scaling rules, warmup/decay arithmetic and budgets, against hand-computed numbers."""
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -59,6 +60,36 @@ def test_step_and_linear_decay():
   c.decay.name, c.decay.final_fraction = "linear", 0.0
   lr = schedule.learning_rate_fn(plan, c.decay, 0.0)
   assert float(lr(50)) == pytest.approx(0.05)
+
+
+def goyal_lr(step, *, peak, init_fraction, warmup, total, boundaries, factor):
+  """Goyal et al.'s schedule from its definition, in exact fractions: linear warmup from
+  init_fraction x peak, then peak x factor^(boundaries b with c >= b x decay steps), c counting
+  the steps after warmup."""
+  if step < warmup:
+    return init_fraction * peak + Fraction(step, warmup) * (1 - init_fraction) * peak
+  c, decay_steps = step - warmup, max(1, total - warmup)
+  return peak * Fraction(factor) ** sum(c >= b * decay_steps for b in boundaries)
+
+
+@pytest.mark.parametrize("total,warmup", [(3, 1), (4, 1), (6, 1), (12, 3), (91, 1), (100, 10)])
+def test_step_decay_is_goyals_schedule_at_every_step(total, warmup):
+  """Goyal's boundaries (1/3, 2/3, 8/9 of the post-warmup steps): with few steps two boundaries
+  fall on one step (they merged, a decay was lost) or a boundary rounded down to step 0 (the peak
+  was never applied); with 90 decay steps, 1/3 x 90 is 30.000000000000004 in floats."""
+  c = config(batch_size=128, base_lr=0.1)
+  c.budget.unit, c.budget.length = "steps", float(total)
+  c.warmup.unit, c.warmup.length, c.warmup.init_fraction = "steps", float(warmup), 0.1
+  fractions = (Fraction(1, 3), Fraction(2, 3), Fraction(8, 9))
+  c.decay.name, c.decay.boundaries, c.decay.factor = "step", tuple(map(float, fractions)), 0.1
+  plan = schedule.make_plan(c, 55_000)
+  lr = schedule.learning_rate_fn(plan, c.decay, c.warmup.init_fraction)
+  expected = [goyal_lr(s, peak=Fraction(plan.lr), init_fraction=Fraction(1, 10), warmup=warmup,
+                       total=total, boundaries=fractions, factor=Fraction(1, 10))
+              for s in range(total)]
+  # float32 schedules: each value to float32 rounding of its own size.
+  assert [float(lr(s)) for s in range(total)] == pytest.approx([float(e) for e in expected],
+                                                              rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides,field", [
