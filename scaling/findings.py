@@ -107,11 +107,43 @@ def _censored_text(rows, text):
   return text
 
 
-def _fmt_interval(lo, hi):
+def _fmt_interval(lo, hi, what="95% seed-bootstrap interval"):
   if not math.isfinite(lo):
     return "no interval"
-  return f"95% bootstrap interval [{lo:.3g}, {hi:.3g}]" if math.isfinite(hi) else \
-      f"95% bootstrap interval [{lo:.3g}, unbounded]"
+  return f"{what} [{lo:.3g}, {hi:.3g}]" if math.isfinite(hi) else \
+      f"{what} [{lo:.3g}, unbounded]"
+
+
+def _intervals(fit, name):
+  """'95% seed-bootstrap interval [a, b]; batch sizes resampled too: [c, d]': the reported
+  interval (seeds redrawn, batch sizes fixed), then the batch-size bootstrap's."""
+  text = _fmt_interval(fit[f"{name}_lo"], fit[f"{name}_hi"])
+  other = _fmt_interval(fit[f"{name}_batchboot_lo"], fit[f"{name}_batchboot_hi"], "")
+  return text if other == "no interval" else f"{text}; batch sizes resampled too:{other}"
+
+
+def _warmup_text(rows):
+  """What S is, for the sentence that defines it: 'steps to target after warmup (less its 20
+  steps)'."""
+  w = {r["batch_size"]: r["warmup_steps"] for r in rows if r["outcome"] == "reached"}
+  if not w or all(v is None for v in w.values()):
+    return "steps to target counted from step 0 (the trials did not record their warmup)"
+  if all(not v for v in w.values()):
+    return "steps to target (no warmup)"
+  if len(set(w.values())) == 1:
+    return f"steps to target after warmup (less its {next(iter(w.values())):g} steps)"
+  return f"steps to target after warmup (less its steps: {_span(w)})"
+
+
+def _seed_text(fit):
+  few = fit["few_seed_batch_sizes"].split()
+  if not few:
+    return ""
+  fitted = fit["fitted_batch_sizes"].split()
+  where = "every fitted batch size" if len(few) == len(fitted) else _b_list(few)
+  return (f"; the seed intervals rest on fewer than {study.MIN_SEEDS} seeds at {where} (seeds per "
+          f"batch size: {fit['seeds_per_batch']}), so they see little of the seed noise there "
+          "(with one seed, none): they are too narrow, not a sign of precision")
 
 
 def _fit_sentence(fit, rows):
@@ -119,10 +151,10 @@ def _fit_sentence(fit, rows):
   if not math.isfinite(fit["b_crit"]):
     return f"No critical batch size could be fitted: {fit['note'] or 'too few batch sizes'}."
   err = f" ± {fit['b_crit_err']:.2g}" if math.isfinite(fit["b_crit_err"]) else ""
-  text = (f"The fit of S = S_min (1 + B_crit/B) to the best steps at {len(used)} batch sizes gives "
-          f"B_crit = {fit['b_crit']:.3g}{err} ({_fmt_interval(fit['b_crit_lo'], fit['b_crit_hi'])})"
-          f" and S_min = {fit['s_min']:.3g} steps "
-          f"({_fmt_interval(fit['s_min_lo'], fit['s_min_hi'])})")
+  text = (f"The fit of S = S_min (1 + B_crit/B), S the best point's {_warmup_text(rows)}, at "
+          f"{len(used)} batch sizes gives B_crit = {fit['b_crit']:.3g}{err} "
+          f"({_intervals(fit, 'b_crit')}) and S_min = {fit['s_min']:.3g} steps "
+          f"({_intervals(fit, 's_min')})" + _seed_text(fit))
   if fit["note"]:
     text += f"; {fit['note']}"
   if math.isfinite(fit["b_crit_lo"]) and not (0 < fit["b_crit_lo"] and
@@ -157,7 +189,9 @@ def _noise_sentence(fit, rows, trials):
   decay = decay.pop() if len(decay) == 1 else None
   if isinstance(decay, (int, float)) and 0 < decay < 1:
     window = 1 / (1 - decay)
-    short = [r["batch_size"] for r in used if r["steps_to_target"] < window]
+    # The EMA runs from step 0: the steps since then are S plus the warmup.
+    short = [r["batch_size"] for r in used
+             if r["steps_to_target"] + (r["warmup_steps"] or 0) < window]
     if short:
       text += (f". At {_b_list(short)} the target came within the noise EMA's ~{window:.0f} "
                "steps, so B_simple there still averages earlier, higher-loss gradients")
@@ -174,8 +208,10 @@ def _lr_sentence(rows, trials):
     return (f"The learning rate was not tuned (one setting per batch size, rule '{rule}'): "
             "steps at large B may reflect the rule rather than the batch size.")
   b, lr = [r["batch_size"] for r in used], [r["lr"] for r in used]
-  text = (f"The tuned LR (best per batch size) went from {lr[0]:.3g} at B = {b[0]} to "
-          f"{lr[-1]:.3g} at B = {b[-1]}")
+  edge = [r for r in used if r["lr_at_edge"]]
+  verdict = "; INCONCLUSIVE, see the grid edges" if edge else ""
+  text = (f"The tuned LR (best per batch size{verdict})"
+          f" went from {lr[0]:.3g} at B = {b[0]} to {lr[-1]:.3g} at B = {b[-1]}")
   perfect, _, _ = regimes(rows)
   inside = [r for r in used if r["batch_size"] in perfect]
   beyond = [r for r in used if r["batch_size"] not in perfect]
@@ -192,11 +228,15 @@ def _lr_sentence(rows, trials):
                     f"nearest rule: {closest[0]}, B^{closest[1]:g})")
   if pieces:
     text += ": " + " and ".join(pieces)
-  edge = [r["batch_size"] for r in used if r["lr_at_edge"]]
   if edge:
-    text += (f". The best setting sat at the edge of its grid at {len(edge)} of {len(used)} batch "
-             f"sizes ({_b_list(edge)}): the optimum was not bracketed there, so those LRs, and "
-             "the steps to target, are bounds rather than estimates")
+    slopes = [where for part, where in halves if any(r["lr_at_edge"] for r in part)]
+    flags = "; ".join(dict.fromkeys(r["lr_at_edge"] for r in edge))
+    text += (f". INCONCLUSIVE: the best setting sat at the edge of its grid at {len(edge)} of "
+             f"{len(used)} batch sizes ({_b_list([r['batch_size'] for r in edge])}: {flags}): "
+             "the optimum was not bracketed there, so the tuned LR there"
+             + (f", the exponent {' and the one '.join(slopes)}" if pieces else "")
+             + " and the steps to target there are bounds rather than estimates, and no LR "
+             "scaling rule can be read from them; extend the grid past that edge")
   return text + "."
 
 
@@ -320,6 +360,15 @@ def protocol(trials):
     for k, v in t.setting.items():
       tuned[k].add(v)
   seeds = len({t.seed for t in trials})
+  warmup = {t.batch_size: study.warmup_steps(t) for t in trials}
+  if any(w is None for w in warmup.values()):
+    s_text = ("S, the steps the fits and tables use, counts from step 0: not every trial recorded "
+              "its warmup steps (config derived.warmup_steps)")
+  elif not any(warmup.values()):
+    s_text = "S, the steps the fits and tables use, is that step (no warmup)"
+  else:
+    s_text = (f"S, the steps the fits and tables use, is that step less the warmup steps "
+              f"({_span(warmup)}): warmup steps are not steps the problem needed")
   show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
   tuned_text = "; ".join(f"{k} in {{{', '.join(show(v) for v in sorted(vals))}}}"
                          for k, vals in tuned.items()) or "nothing (one setting per batch size)"
@@ -327,7 +376,8 @@ def protocol(trials):
   return (f"Target: {targets}. Budget: a step cap per batch size ({_span(caps) or '?'} steps)"
           + ("; training stops at the target" if stop == {True} else "")
           + ". Steps to target: interpolated linearly in log(metric) between the last evaluation "
-          f"above the target and the first below (evaluations every {_span(evals) or '?'} steps). "
+          f"above the target and the first below (evaluations every {_span(evals) or '?'} steps); "
+          f"{s_text}. "
           f"Tuned per batch size: {tuned_text}, around the LR rule/optimizer {rules}; the best "
           f"setting is the one with the fewest median steps over its {seeds} seed(s).")
 
@@ -348,19 +398,21 @@ def captions(trials):
              f"here {n_settings} setting(s) of {tuned} per batch size, a {models} on {data}.")
   return {
       "steps_to_target.png":
-          "Optimizer steps to reach the target for the best setting at each batch size (dots: "
-          "median over seeds, bars: min-max), the fitted S = S_min (1 + B_crit/B) with its 95% "
-          "bootstrap band, the perfect-scaling line through the smallest batch size (dashed), "
+          "S, the optimizer steps to reach the target after warmup, for the best setting at each "
+          "batch size (dots: median over seeds, bars: min-max), the fitted S = S_min (1 + B_crit/B)"
+          " with its 95% seed-bootstrap band (seeds redrawn at fixed batch sizes), the "
+          "perfect-scaling line through the smallest batch size (dashed), "
           "and batch sizes that never reached it (marked above the line: censored). Imitates "
           "Shallue et al. 2018 Fig. 1. " + shallue,
       "examples_to_target.png":
-          "The same points as training examples (steps x B): flat while scaling is perfect, "
-          "rising once steps stop falling. " + shallue,
+          "The same points as training examples (S x B, warmup excluded): flat while scaling is "
+          "perfect, rising once steps stop falling. " + shallue,
       "critical_batch_fit.png":
           "Least-squares fit of McCandlish et al. 2018's S = S_min (1 + B_crit/B) (left) and "
-          "E = E_min (1 + B/B_crit) (right) to the best steps at the batch sizes that reached the "
-          "target, on relative residuals; censored batch sizes are left out. McCandlish et al. fit "
-          "steps at a fixed loss along a tuned LR; here the target is the configured metric.",
+          "E = E_min (1 + B/B_crit) (right) to the best S (steps to target after warmup) at the "
+          "batch sizes that reached the target, on relative residuals; censored batch sizes are "
+          "left out. McCandlish et al. fit steps at a fixed loss along a tuned LR; here the "
+          "target is the configured metric.",
       "tuned_lr.png":
           "Every trial's peak LR vs batch size (filled: reached the target; open: capped; red x: "
           "diverged), the best LR per batch size (stars) and linear and square-root lines through "

@@ -120,6 +120,7 @@ def _html_table(rows, cols=None):
 
 
 def _interval(fit, name):
+  """'[lo, hi]' of fit_table's `{name}_lo`/`{name}_hi` (name: b_crit, or b_crit_batchboot...)."""
   lo, hi = fit[f"{name}_lo"], fit[f"{name}_hi"]
   return "–" if math.isnan(lo) else f"[{lo:.4g}, {hi:.4g}]"
 
@@ -184,9 +185,14 @@ def _pending_rows(trials, trows, workdir):
 
 def _key_numbers(fits):
   return [dict(group=f["group"], b_crit=_pm(f["b_crit"], f["b_crit_err"]),
-               b_crit_95=_interval(f, "b_crit"), b_simple_at_target=_b_simple_range(f),
-               s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95=_interval(f, "s_min"),
-               e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95=_interval(f, "e_min"),
+               b_crit_95_seeds=_interval(f, "b_crit"),
+               b_crit_95_batchboot=_interval(f, "b_crit_batchboot"),
+               b_simple_at_target=_b_simple_range(f),
+               s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95_seeds=_interval(f, "s_min"),
+               s_min_95_batchboot=_interval(f, "s_min_batchboot"),
+               e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95_seeds=_interval(f, "e_min"),
+               seeds_per_batch=f["seeds_per_batch"],
+               **{f"fewer_than_{study.MIN_SEEDS}_seeds_at": f["few_seed_batch_sizes"] or "none"},
                fitted_batch_sizes=f["fitted_batch_sizes"],
                censored_batch_sizes=f["censored_batch_sizes"] or "none",
                best_lr_at_grid_edge=f["lr_at_edge"] or "none",
@@ -238,11 +244,17 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
   parts += [
       "<h2>Tables</h2>",
       "<h3>Key numbers</h3><p>B_crit, S_min, E_min: least-squares fit of S = S_min (1 + B_crit/B)"
-      " (McCandlish et al. 2018) to the best steps to target at the <i>fitted</i> batch sizes (the"
-      " censored ones never reached the target and are left out); E_min = S_min B_crit;"
-      " &plusmn; one standard error, and a 95% bootstrap interval (batch sizes resampled, seeds "
-      "resampled within each, best setting chosen again; B_crit = inf where a replicate still "
-      "scales perfectly at the largest B). <i>b_simple_at_target</i>: B_simple = tr(Σ)/|G|² when "
+      " (McCandlish et al. 2018) to the best S at the <i>fitted</i> batch sizes (the censored"
+      " ones never reached the target and are left out), S being the steps to target after"
+      " warmup (each trial's warmup steps subtracted); E_min = S_min B_crit; &plusmn; one"
+      " standard error. <i>_95_seeds</i>: the reported 95% seed-bootstrap interval (batch sizes"
+      " fixed; each replicate redraws every batch size's seeds, takes the median over them and"
+      " chooses the best setting again); with fewer than"
+      f" {study.MIN_SEEDS} seeds at a batch size it sees little of the seed noise (none with one"
+      " seed). <i>_95_batchboot</i>: the 95% batch-size bootstrap interval (batch sizes"
+      " resampled, then seeds within each), which also holds the points' scatter about the"
+      " curve. B_crit = inf where a replicate still scales perfectly at the largest B."
+      " <i>b_simple_at_target</i>: B_simple = tr(Σ)/|G|² when "
       "each best trial first reached the target, median [min, max] over batch sizes; its EMA "
       "averages over ~1/(1-decay) steps = "
       f"{h(', '.join(f'B={b}: {w:.3g}' for b, w in windows[:1] + windows[-1:]) or '?')} examples."
@@ -251,8 +263,10 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
       _html_table(_key_numbers(fits))]
   linked = [_link_row(r, t, workdir) for r, t in zip(trows, trials)]
   for name, title, rows in (("critical_batch_fit", "Critical batch size fit", fits),
-                            ("best_per_batch", "Best trial per batch size", best_rows),
-                            ("trials", "All trials (id: its directory)", linked)):
+                            ("best_per_batch", "Best trial per batch size (steps_*: S, steps "
+                             "to target after warmup)", best_rows),
+                            ("trials", "All trials (id: its directory; steps_to_target, "
+                             "steps_interpolated: from step 0, warmup included)", linked)):
     parts += [f"<h3>{title} (<a href='{name}.csv'>{name}.csv</a>)</h3>", _html_table(rows)]
   parts += ["<h2>Configuration</h2>",
             "<details><summary>Fields that vary between trials</summary>",

@@ -69,11 +69,12 @@ def _to_target(path, trials, best_rows, fits, quantity):
   ax.set_ylim(bottom, top * 1.12 ** (len(colours) + 1))
   _batch_axis(ax, [r["batch_size"] for r in best_rows])
   what = "optimizer steps" if quantity == "steps" else "training examples"
-  ax.set_ylabel(f"{what} to target (best trial per B)")
+  ax.set_ylabel(f"{what} to target after warmup (best setting per B)")
   ax.set_title(f"{what.capitalize()} to reach {_target_text(trials)}")
   handles, _ = ax.get_legend_handles_labels()
   handles += [Line2D([], [], ls="--", color="k", lw=1, label="perfect scaling (from smallest B)"),
-              Line2D([], [], ls=":", color="k", lw=1, label="B_crit (shaded: 95% interval)"),
+              Line2D([], [], ls=":", color="k", lw=1,
+                     label="B_crit (shaded: 95% seed-bootstrap interval)"),
               Line2D([], [], marker="^", ls="none", mfc="none", color="k",
                      label="never reached (above line)"),
               Line2D([], [], marker="x", ls="none", color="k", label="all trials diverged"),
@@ -84,15 +85,16 @@ def _to_target(path, trials, best_rows, fits, quantity):
 
 
 def _fit_band(ax, fits, group, c, b, quantity):
-  """The fitted S(B) (or E(B)) with the pointwise 95% band of its bootstrap replicates, B_crit
-  with its interval, and the three regimes named."""
+  """The fitted S(B) (or E(B)) with the pointwise 95% band of its seed-bootstrap replicates,
+  B_crit with its interval, and the three regimes named."""
   (f,) = [f for f in fits if f["group"] == group]
   if not np.isfinite(f["b_crit"]):
     return
   grid = np.geomspace(b.min() / 1.5, b.max() * 1.5, 200)
   curve = lambda s_min, e_min: (s_min + e_min / grid) * (1 if quantity == "steps" else grid)
   ax.plot(grid, curve(f["s_min"], f["e_min"]), "-", color=c, lw=1.5, alpha=0.8,
-          label=f"fit: B_crit={f['b_crit']:.3g} [95%: {f['b_crit_lo']:.3g}, {f['b_crit_hi']:.3g}]")
+          label=f"fit: B_crit={f['b_crit']:.3g} [95% seeds: {f['b_crit_lo']:.3g}, "
+                f"{f['b_crit_hi']:.3g}]")
   boot = f.get("_boot")
   boot = boot[np.isfinite(boot).all(axis=1)] if boot is not None else None
   if boot is not None and len(boot) > 10:
@@ -156,7 +158,7 @@ def critical_batch_fit(path, trials, best_rows, fits):
   for ax, what in zip(axes, ("optimizer steps S", "training examples E = S·B")):
     log_scales(ax, x=False)
     _batch_axis(ax, [r["batch_size"] for r in best_rows])
-    ax.set_ylabel(f"{what} to target")
+    ax.set_ylabel(f"{what} to target after warmup")
     ax.legend(fontsize=8)
   axes[0].set_title("Fit S = S_min (1 + B_crit / B)  (dotted: B_crit)")
   axes[1].set_title("Same fit as E = E_min (1 + B / B_crit)")
@@ -321,7 +323,8 @@ def equal_loss(path, trials, best_rows, fits):
   ax0.legend(handles=[
       Line2D([], [], marker="o", ls="none", color="0.5", alpha=0.5, label="each trial that reached"),
       Line2D([], [], marker="D", ls="none", color="k", label="best point per B (median)"),
-      Line2D([], [], ls="--", color="k", label="fitted B_crit (band: 95% bootstrap)")], fontsize=8)
+      Line2D([], [], ls="--", color="k", label="fitted B_crit (band: 95% seed bootstrap)")],
+      fontsize=8)
   span = [1e-2, 1e2]
   for f in fitted:
     rows = [r for r in best_rows if r["group"] == f["group"] and r["outcome"] == "reached"]
@@ -384,8 +387,9 @@ def resources(path, trials, best_rows, fits):
 
 # (file name, title, function): the order of the images in index.html.
 PLOTS = [
-    ("steps_to_target.png", "Steps to target vs batch size", steps_to_target),
-    ("examples_to_target.png", "Examples to target vs batch size", examples_to_target),
+    ("steps_to_target.png", "Steps to target after warmup (S) vs batch size", steps_to_target),
+    ("examples_to_target.png", "Examples to target after warmup (S x B) vs batch size",
+     examples_to_target),
     ("critical_batch_fit.png", "Critical batch size: fit of S = S_min (1 + B_crit/B)",
      critical_batch_fit),
     ("tuned_lr.png", "Tuned learning rate per batch size (infeasible: diverged)", tuned_lr),
