@@ -218,6 +218,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
+class DifferentRun(ConfigError):
+  """A trial directory holds the run of another config."""
+
+
 def read_trial_config(config_path: str, finished: bool = False) -> dict:
   """A trial's config.json as a dict, or ConfigError naming the damaged file and the fix."""
   try:
@@ -254,7 +258,7 @@ def check_same_run(config_path: str, resolved: dict, ignore: tuple[str, ...] = (
                    if not allowed(k) and saved[k] != current[k])
   if changed:
     key = changed[0]
-    raise ConfigError(
+    raise DifferentRun(
         f"{os.path.dirname(config_path)} holds a different run: {key} was "
         f"{saved.get(key)!r}, now {current.get(key)!r} ({len(changed)} field(s) differ); "
         "use a new --workdir or restore the original config")

@@ -78,7 +78,7 @@ _RULES = (
      "a finite number > 0: it multiplies the rule's learning rate (e.g. sweep.lr_multiplier=(0.5,"
      " 1.0, 2.0))"),
     ("seed", lambda x: _int(x) and 0 <= x < MAX_SEED,
-     f"an integer in [0, 2**62): random keys are made from it and offsets of it"),
+     "an integer in [0, 2**62): random keys are made from it and offsets of it"),
     ("lr_power", _finite, "a finite number"),
     ("warmup.length", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("warmup.init_fraction", lambda x: _finite(x) and 0 <= x <= 1,
@@ -348,4 +348,19 @@ def parse_flags(argv: list[str]) -> list[str]:
   problem = repeated_override(argv) or axis_overridden(flags.FLAGS["config"].value, argv)
   if problem:
     sys.exit(f"config error: {problem}")
+  return rest
+
+
+def parse_tool_flags(argv: list[str], tool: str, usage: str, workdir_help: str) -> list[str]:
+  """The flag parser of the tools that read a workdir (report, status, measure_checkpoint): a
+  bad flag, a positional argument or no --workdir is one line naming it, with the usage."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"{tool}: {error} (usage: {usage})")
+  if rest[1:]:
+    sys.exit(f"{tool}: unexpected argument {rest[1]!r}: every option is a flag, --name=value"
+             f" (usage: {usage})")
+  if flags.FLAGS.workdir is None:
+    sys.exit(f"{tool}: --workdir is required: {workdir_help} (usage: {usage})")
   return rest

@@ -376,6 +376,9 @@ def checked_trials(config, workdir: str, cluster: Cluster) -> list:
   splits = train.load_data(config)
   sweep.validate(trials, splits.num_train, devices)
   vectorized.check_sweep(config, splits)
+  for t in trials:   # what each task would refuse at its start: a changed config, damaged files
+    sweep.check_trial_directory(t)
+  sweep.check_sweep_unchanged(trials, trials, workdir)
   return trials
 
 
@@ -403,6 +406,8 @@ def launch(config, config_path: str, workdir: str, overrides: dict, *, submit_jo
     raise ConfigError("sbatch is not on PATH: run this on a Slurm login node, install Slurm's"
                       " client (Debian: apt-get install slurm-client), or use --dry_run to print"
                       " the script")
+  if not workdir:
+    raise ConfigError("--workdir is empty: give the sweep's directory, e.g. --workdir=runs/x")
   if not dry_run:   # --dry_run writes nothing, so it may print the script of anyone's workdir
     check_workdir(workdir)
   check_paths(workdir, config_path, os.getcwd())

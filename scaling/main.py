@@ -56,6 +56,10 @@ def check_distributed_flags(coordinator, num_processes, process_id) -> None:
                                                   coordinator):
     raise ConfigError(f"--coordinator_address={coordinator!r} is not host:port: give process 0's"
                       " address, e.g. --coordinator_address=127.0.0.1:1234")
+  port = coordinator and coordinator.rsplit(":", 1)[-1]
+  if port and port.isdigit() and not 1 <= int(port) <= 65535:
+    raise ConfigError(f"--coordinator_address={coordinator!r} has port {port}: use a port in"
+                      " 1..65535")
   if coordinator is not None and (num_processes is None or process_id is None):
     raise ConfigError("--coordinator_address needs --num_processes and --process_id (outside a"
                       " cluster that jax.distributed detects): pass both")
@@ -88,6 +92,11 @@ def main(argv):
                                    and _MEMORY_LIMIT.value >= 0):
       raise ConfigError(f"--memory_limit_mib={_MEMORY_LIMIT.value} is invalid: use a device"
                         " memory in MiB > 0 (or 0: the device's own limit)")
+    if not (_DISTRIBUTED.value or _COORDINATOR.value) and (
+        _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None):
+      raise ConfigError("--num_processes and --process_id act only in a multi-process run: add"
+                        " --coordinator_address=HOST:PORT (or --distributed on a cluster), or"
+                        " drop them")
     if _DISTRIBUTED.value or _COORDINATOR.value:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cache = (_CACHE.value if _CACHE.value is not None else
@@ -107,6 +116,9 @@ def main(argv):
       sys.exit(f"error: {error}")
   except ConfigError as error:  # bad input: one line naming the field and the fix
     sys.exit(f"config error: {error}")
+  except KeyboardInterrupt:   # outside a trial's loop (which checkpoints and exits 130 itself)
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
   failed = [s.get("trial_id", "?") for s in summaries if s.get("status") == "failed"]
   if failed:
     sys.exit(f"{len(failed)} trial(s) failed (reasons in their summary.json; a rerun retries"
@@ -114,4 +126,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.parse_flags)
+  try:
+    app.run(main, flags_parser=config_lib.parse_flags)
+  except KeyboardInterrupt:   # while the config file loads
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

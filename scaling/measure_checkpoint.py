@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from scaling import checkpoint, measure, results, sharding, train
-from scaling.config import ConfigError
+from scaling.config import ConfigError, parse_tool_flags
 from scaling.metrics import write_json
 
 def parse_step(step: str) -> int | None:
@@ -97,19 +97,10 @@ def main(argv):
 USAGE = "python -m scaling.measure_checkpoint --workdir=<workdir>/trials/<id> [--step=latest]"
 
 
-def parse_flags(argv):
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as error:
-    sys.exit(f"error: {error} (usage: {USAGE})")
-  if flags.FLAGS.workdir is None:
-    sys.exit(f"error: --workdir is required: give a trial directory ({USAGE})")
-  return rest
-
-
 if __name__ == "__main__":
   # Defined here, not at import: scaling.main defines --workdir too.
   flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
   flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
   flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_tool_flags(
+      argv, "error", USAGE, "give a trial directory"))

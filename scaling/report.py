@@ -31,7 +31,7 @@ import urllib.parse
 import numpy as np
 
 from scaling import findings, results, study
-from scaling.config import ConfigError
+from scaling.config import ConfigError, parse_tool_flags
 
 # A Lanczos eigenvalue whose Ritz residual |H y - lambda y| exceeds this fraction of |lambda| is
 # flagged unconverged: an exact eigenvalue lies within the residual, so below it lambda is within
@@ -292,10 +292,13 @@ def _disk_full_as_one_line(path):
   try:
     yield
   except OSError as error:
-    if not _disk_full(error):
-      raise
-    raise WriteError(f"disk full while writing {path}: free space on its disk and rerun the"
-                     " report, which writes every file again") from None
+    if _disk_full(error):
+      raise WriteError(f"disk full while writing {path}: free space on its disk and rerun the"
+                       " report, which writes every file again") from None
+    if isinstance(error, (IsADirectoryError, NotADirectoryError, PermissionError)):
+      raise WriteError(f"cannot write {path} ({error.strerror}): move what is there out of the"
+                       " way (the report writes every file again) and rerun") from None
+    raise
 
 
 @contextlib.contextmanager
@@ -393,6 +396,9 @@ def check_workdir(workdir):
   if not os.path.isdir(workdir):
     what = "is not a directory" if os.path.exists(workdir) else "does not exist"
     raise ConfigError(f"--workdir={workdir} {what}: pass the --workdir given to scaling.main")
+  if not (os.path.exists(os.path.join(workdir, "sweep.json")) or results.find_trial_dirs(workdir)):
+    raise ConfigError(f"--workdir={workdir} holds no sweep or trial (no sweep.json, no directory"
+                      " with a config.json): pass the --workdir given to scaling.main")
   report_dir(workdir)
 
 
@@ -413,15 +419,5 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "Sweep (or single-trial) workdir to report on.")
-
-  def parse_flags(argv):
-    try:
-      rest = flags.FLAGS(argv)
-    except flags.Error as error:
-      sys.exit(f"report error: {error} (usage: {USAGE}, the --workdir given to scaling.main)")
-    if flags.FLAGS.workdir is None:
-      sys.exit(f"report error: --workdir is required: pass the --workdir given to scaling.main"
-               f" ({USAGE})")
-    return rest
-
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_tool_flags(
+      argv, "report error", USAGE, "pass the --workdir given to scaling.main"))

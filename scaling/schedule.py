@@ -83,7 +83,7 @@ def make_plan(config, train_examples: int) -> Plan:
   if total <= 0:
     raise ConfigError(f"budget.length={config.budget.length} gives no steps: use a positive budget")
   if total > MAX_STEPS:
-    raise ConfigError(f"budget.length={config.budget.length} gives {total} steps at batch size"
+    raise ConfigError(f"budget.length={config.budget.length} gives {total:.4g} steps at batch size"
                       f" {bs}, more than the {MAX_STEPS} a trial's step counter (int32 on the"
                       " device) holds: shorten budget.length")
   warmup = steps(config.warmup, "warmup")

@@ -19,6 +19,7 @@ import sys
 import time
 
 from scaling import results
+from scaling.config import parse_tool_flags
 
 ORDER = ("done", "diverged", "running", "preempted", "pending", "damaged")
 
@@ -177,14 +178,5 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "The workdir of a sweep or of a single run.")
-
-  def parse_flags(argv):
-    try:
-      rest = flags.FLAGS(argv)
-    except flags.Error as error:
-      sys.exit(f"status: {error} (usage: {USAGE})")
-    if flags.FLAGS.workdir is None:
-      sys.exit(f"status: --workdir is required: give the --workdir of a run or sweep ({USAGE})")
-    return rest
-
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: parse_tool_flags(
+      argv, "status", USAGE, "give the --workdir of a run or sweep"))

@@ -189,25 +189,52 @@ def _holds_work(directory: str) -> bool:
           or (os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))))
 
 
-def check_trial_directory(trial: Trial) -> None:
-  """Everything about a trial's existing directory that would refuse or spoil a rerun, checked
-  for every trial before any trains: a sweep rerun with a changed config must not train some
-  trials under the new one and then refuse the next (the workdir would mix two configs)."""
-  for name, kind in ((".lock", os.path.isfile), ("checkpoints", os.path.isdir),
-                     ("metrics.jsonl", os.path.isfile), ("summary.json", os.path.isfile)):
-    path = os.path.join(trial.directory, name)
+def _check_kinds(directory: str, kinds: tuple) -> None:
+  for name, kind in kinds:
+    path = os.path.join(directory, name)
     if os.path.lexists(path) and not kind(path):
       what = "a file" if kind is os.path.isdir else "not a file"
-      raise ConfigError(f"{path} is {what}, which this trial cannot use: move it out of the way"
-                        " (the trial's own files are rewritten) and rerun")
-  summary = read_summary(trial.directory)
-  if not _holds_work(trial.directory):
-    return
+      raise ConfigError(f"{path} is {what}, which this run cannot use: move it out of the way"
+                        " (it is written again) and rerun")
+
+
+def _check_same_config(trial: Trial, finished: bool) -> None:
   current = json.loads(trial.config.to_json_best_effort())
   current.update(trial_id=trial.id, sweep_axes=json.loads(json.dumps(trial.overrides)))
   checkpoint.check_same_run(os.path.join(trial.directory, "config.json"), current,
-                            ignore=("derived",),
-                            finished=bool(summary) and summary.get("status") in FINISHED)
+                            ignore=("derived",), finished=finished)
+
+
+def check_trial_directory(trial: Trial) -> None:
+  """Everything about a trial's existing directory that would refuse or spoil its run, checked
+  for every selected trial before any trains: a sweep rerun with a changed config must not train
+  some trials under the new one and then refuse the next (the workdir would mix two configs)."""
+  _check_kinds(trial.directory, ((".lock", os.path.isfile), ("checkpoints", os.path.isdir),
+                                 ("metrics.jsonl", os.path.isfile),
+                                 ("summary.json", os.path.isfile)))
+  summary = read_summary(trial.directory)
+  if _holds_work(trial.directory):
+    _check_same_config(trial, finished=bool(summary) and summary.get("status") in FINISHED)
+
+
+def check_sweep_unchanged(trials: list[Trial], chosen: list[Trial], workdir: str) -> None:
+  """The sweep's own files, and the trials not selected (--trial=N: a Slurm array task): none
+  may hold another config's run, else the sweep would mix two configs that the report merges.
+  A damaged file of an unselected trial is that trial's own run's business: skipped here."""
+  _check_kinds(workdir, (("trials", os.path.isdir), ("sweep.json", os.path.isfile),
+                         ("sweep.csv", os.path.isfile)))
+  selected = {t.index for t in chosen}
+  for t in trials:
+    if t.index in selected or not _holds_work(t.directory):
+      continue
+    try:
+      summary = read_summary(t.directory)
+      _check_same_config(t, finished=bool(summary) and summary.get("status") in FINISHED)
+    except checkpoint.DifferentRun as error:
+      raise ConfigError(f"--trial={chosen[0].index}: the sweep's trial {t.index} {error}"
+                        ) from None
+    except ConfigError:
+      pass
 
 
 def record_failure(trial: Trial, error: Exception) -> dict:
@@ -314,15 +341,18 @@ def main(config, workdir: str, trial: str | None = None, list_only: bool = False
   splits = train.load_data(config)
   plans = validate(trials, splits.num_train, mesh.size)
   vectorized.check_sweep(config, splits)
+  chosen = select(trials, trial) if trial is not None else trials
   if list_only:
     print(f"{'index':>5}  {'batch':>6}  {'lr':>10}  {'warmup':>6}  {'steps':>7}  id")
+    selected = {t.index for t in chosen}
     for t, p in zip(trials, plans):
-      print(f"{t.index:>5}  {t.config.batch_size:>6}  {p.lr:>10.4g}  {p.warmup_steps:>6}  "
-            f"{p.total_steps:>7}  {t.id}")
+      if t.index in selected:
+        print(f"{t.index:>5}  {t.config.batch_size:>6}  {p.lr:>10.4g}  {p.warmup_steps:>6}  "
+              f"{p.total_steps:>7}  {t.id}")
     return []
-  chosen = select(trials, trial) if trial is not None else trials
   for t in chosen:
     check_trial_directory(t)
+  check_sweep_unchanged(trials, chosen, workdir)
   os.makedirs(workdir, exist_ok=True)
   if trials[0].overrides:
     write_json(os.path.join(workdir, "sweep.json"), {

@@ -151,6 +151,8 @@ def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state,
     step, state, book = restored
     # Fields added since the checkpoint was written start at their defaults.
     book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
+    if book["target"]["reached"] and book["target"]["stop_at_target"]:
+      book["status"] = "done"   # it had stopped at its target (its summary.json was lost)
     print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
           flush=True)
   else:

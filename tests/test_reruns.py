@@ -174,3 +174,81 @@ def test_the_compilation_cache_follows_the_environment(tmp_path):
   assert result.returncode == 0, result.stderr
   assert os.listdir(tmp_path / "cache")
   assert not os.path.exists(tmp_path / "home" / ".cache" / "scaling")
+
+
+def test_one_trial_of_a_changed_sweep_is_refused(workdir):
+  """--trial=N (a Slurm array task) checked only its own directory: trial 0 trained under the new
+  config beside trial 1's run of the old one, and the report merged them."""
+  sweep_json = (workdir / "sweep.json").read_bytes()
+  result = run_main(workdir, "--trial=0", "--config.model.widths=(32,)")
+  assert_one_line(result, "--trial=0: the sweep's trial 1", "model.widths was [64], now [32]")
+  assert not os.path.exists(workdir / "trials" / "bs=16,lr_multiplier=2,seed=0" / "config.json")
+  assert (workdir / "sweep.json").read_bytes() == sweep_json
+
+
+@pytest.mark.parametrize("name,make", [
+    ("trials", lambda p: (shutil.rmtree(p), p.write_text(""))),
+    ("sweep.json", lambda p: (os.remove(p), os.mkdir(p))),
+    ("sweep.csv", lambda p: (os.remove(p), os.mkdir(p))),
+], ids=["trials a file", "sweep.json a directory", "sweep.csv a directory"])
+def test_a_sweep_file_of_the_wrong_kind_is_one_line(workdir, name, make):
+  make(workdir / name)
+  assert_one_line(run_main(workdir, "--trial=0"), f"{workdir / name} is", "move it out of the way")
+
+
+def test_a_trial_that_stopped_at_its_target_is_not_trained_again(workdir):
+  """With its summary.json lost, the resume trained one more segment past its target."""
+  trial = _trial(workdir)
+  summary = json.loads((trial / "summary.json").read_text())
+  assert summary["stop_reason"] == "target", summary["stop_reason"]
+  metrics = (trial / "metrics.jsonl").read_text()
+  os.remove(trial / "summary.json")
+  result = run_main(workdir, "--trial=1")
+  assert result.returncode == 0, result.stderr
+  assert (trial / "metrics.jsonl").read_text() == metrics
+  again = json.loads((trial / "summary.json").read_text())
+  assert (again["status"], again["step"]) == ("done", summary["step"])
+
+
+def test_list_trials_lists_the_selected_trial(tmp_path):
+  result = run_main(tmp_path / "run", "--list_trials", "--trial=1")
+  lines = result.stdout.strip().splitlines()
+  assert result.returncode == 0 and len(lines) == 2 and lines[1].endswith(TRIAL_1), result.stdout
+  assert_one_line(run_main(tmp_path / "run", "--list_trials", "--trial=99"), "--trial=99")
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--num_processes=2"], ["--num_processes and --process_id act only"]),
+    (["--coordinator_address=127.0.0.1:99999", "--num_processes=2", "--process_id=0"],
+     ["port 99999"]),
+], ids=["processes without a coordinator", "port out of range"])
+def test_multi_process_flags_that_would_be_ignored_or_hang(tmp_path, flags, names):
+  assert_one_line(run_main(tmp_path / "run", *flags), *names)
+
+
+def run_tool(tool, *args):
+  return subprocess.run([sys.executable, "-m", f"scaling.{tool}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_the_launcher_refuses_a_sweep_every_task_would_refuse(workdir):
+  os.remove(_trial(workdir) / "summary.json")   # preempted
+  result = run_tool("launch", f"--workdir={workdir}", *SWEEP, "--config.base_lr=0.1", "--dry_run")
+  assert_one_line(result, "holds a different run", "base_lr was 0.05, now 0.1")
+  assert_one_line(run_tool("launch", "--workdir=", *SWEEP, "--dry_run"), "--workdir is empty")
+
+
+def test_the_report_on_a_directory_without_a_sweep_writes_nothing(tmp_path):
+  assert_one_line(run_tool("report", f"--workdir={tmp_path}"), "holds no sweep or trial")
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_report_file_that_is_a_directory_is_one_line(workdir):
+  os.makedirs(workdir / "report" / "index.html")
+  assert_one_line(run_tool("report", f"--workdir={workdir}"),
+                  f"cannot write {workdir / 'report' / 'index.html'}")
+
+
+@pytest.mark.parametrize("tool", ["status", "report", "measure_checkpoint"])
+def test_a_tool_refuses_a_positional_argument(tmp_path, tool):
+  assert_one_line(run_tool(tool, f"--workdir={tmp_path}", "stray"), "unexpected argument 'stray'")
