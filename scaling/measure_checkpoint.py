@@ -19,6 +19,7 @@ from scaling import checkpoint, measure, results, sharding, train
 from scaling.config import ConfigError, parse_tool_flags
 from scaling.metrics import write_json
 
+
 def parse_step(step: str) -> int | None:
   """'latest' -> None, '120' -> 120; anything else is a ConfigError naming --step."""
   if step == "latest":
