@@ -298,13 +298,14 @@ def _explain(error: Exception | None, argv: list[str]) -> str:
   return message
 
 
-def repeated_override(argv: list[str]) -> str | None:
-  """A --config.<field> given twice: ml_collections would join two tuples into one axis
-  ('(0,1)' then '(0,)' sweeps seeds 0, 1, 0) where absl takes the last value of other flags."""
+def repeated_override(config, argv: list[str]) -> str | None:
+  """A tuple --config.<field> given twice: ml_collections joins the two into one axis ('(0,1)'
+  then '(0,)' sweeps seeds 0, 1, 0), where for any other field the last value counts."""
   seen = set()
   for arg in argv:
     match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
-    if match and match.group(1) in seen:
+    if match and match.group(1) in seen and isinstance(_get(config, match.group(1)),
+                                                         (tuple, list)):
       return (f"--config.{match.group(1)} is given twice: give it once, with the value you"
               " mean (a tuple lists every value of an axis)")
     if match:
@@ -345,7 +346,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   if rest[1:]:
     sys.exit(f"config error: unexpected argument {rest[1]!r}: every option is a flag,"
              " --name=value (a value with spaces goes in quotes)")
-  problem = repeated_override(argv) or axis_overridden(flags.FLAGS["config"].value, argv)
+  problem = repeated_override(flags.FLAGS["config"].value, argv) or axis_overridden(flags.FLAGS["config"].value, argv)
   if problem:
     sys.exit(f"config error: {problem}")
   return rest
