@@ -1,6 +1,8 @@
-"""Curvature of a trial's saved checkpoint, offline: writes curvature_<step>.json in the trial dir.
+"""Curvature of a trial's saved checkpoint, offline: writes curvature_<step>.json in the trial dir;
+with --noise_draws=K also the gradient noise scale at its parameters (noise_<step>.json).
 
     python -m scaling.measure_checkpoint --workdir=runs/x/trials/<id> [--step=latest] [--density]
+        [--noise_draws=200] [--nocurvature]
 
 Safe beside a running trial: the checkpoints are opened read-only (no temporary directory of a
 save in progress is removed, no damaged checkpoint moved aside). Bad input (no --workdir, a missing
@@ -15,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from scaling import checkpoint, measure, results, sharding, train
+from scaling import checkpoint, frozen_noise, measure, results, sharding, train
 from scaling.config import ConfigError, parse_tool_flags
 from scaling.metrics import write_json
 
@@ -72,8 +74,42 @@ def restore(workdir: str, step_flag: str = "latest", config=None):
   return config, model, splits, mesh, step, state
 
 
-def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
+def trial_groups(workdir: str) -> int:
+  """The G the trial trained with (config.json's derived.microbatching.groups), 0 if unknown."""
+  resolved = results.read_json(os.path.join(workdir, "config.json"))
+  derived = resolved.get("derived", {}) if isinstance(resolved, dict) else {}
+  return int(derived.get("microbatching", {}).get("groups", 0))
+
+
+def measure_noise(workdir: str, config, model, splits, step: int, state, num_draws: int,
+                  groups: int = 0) -> dict:
+  """The noise scale at the checkpoint's parameters (scaling/frozen_noise.py), written to
+  noise_<step>.json: |G|^2, tr(Sigma), B_simple with standard errors over `num_draws` draws of
+  the trial's batch size in `groups` groups (0: the trial's own G, at least 2)."""
+  if num_draws < 2:
+    raise ConfigError(f"--noise_draws={num_draws}: give at least 2 draws (0 = no noise scale)")
+  if groups < 0:
+    raise ConfigError(f"--noise_groups={groups} must be >= 0 (0 = the trial's groups)")
+  noise = frozen_noise.measure_trial(config, model, splits, state, num_draws=num_draws,
+                                     groups=groups or max(2, trial_groups(workdir)))
+  out = os.path.join(workdir, f"noise_{step}.json")
+  write_json(out, {"step": step, **noise})
+  print(json.dumps(noise, indent=1))
+  print(f"wrote {out}")
+  return noise
+
+
+def measure_checkpoint(workdir: str, step_flag: str, density: bool, curvature: bool = True,
+                       noise_draws: int = 0, noise_groups: int = 0) -> dict:
+  """Curvature (curvature_<step>.json, unless not `curvature`) and, with noise_draws > 0, the
+  frozen-parameter noise scale (noise_<step>.json) of one checkpoint -> both results in one dict."""
   config, model, splits, mesh, step, state = restore(workdir, step_flag)
+  found = {}
+  if noise_draws:
+    found.update(measure_noise(workdir, config, model, splits, step, state, noise_draws,
+                               noise_groups))
+  if not curvature:
+    return found
   results = measure.Measure(config.curvature, model, splits, mesh, config.seed)(
       state, step, density=density)
   spectrum = results.pop("curvature/density", None)
@@ -83,19 +119,21 @@ def measure_checkpoint(workdir: str, step_flag: str, density: bool) -> dict:
     np.savez(os.path.join(workdir, f"density_{step}.npz"), **spectrum)
   print(json.dumps(results, indent=1))
   print(f"wrote {out}")
-  return results
+  return {**found, **results}
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file it reads at INFO
   try:
-    measure_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.density)
+    measure_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.density,
+                       flags.FLAGS.curvature, flags.FLAGS.noise_draws, flags.FLAGS.noise_groups)
   except ConfigError as error:  # bad input: one line naming the flag and the fix
     sys.exit(f"error: {error}")
 
 
-USAGE = "python -m scaling.measure_checkpoint --workdir=<workdir>/trials/<id> [--step=latest]"
+USAGE = ("python -m scaling.measure_checkpoint --workdir=<workdir>/trials/<id> [--step=latest]"
+         " [--noise_draws=K]")
 
 
 if __name__ == "__main__":
@@ -103,5 +141,11 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A trial directory (with config.json and checkpoints/).")
   flags.DEFINE_string("step", "latest", "Checkpoint step to evaluate, or 'latest'.")
   flags.DEFINE_bool("density", True, "Also estimate the spectral density (stochastic Lanczos).")
+  flags.DEFINE_bool("curvature", True,
+                    "Measure the curvature (--nocurvature: the noise scale only).")
+  flags.DEFINE_integer("noise_draws", 0, "Also the noise scale at the checkpoint's parameters from"
+                       " this many independent big batches (0 = off): noise_<step>.json.")
+  flags.DEFINE_integer("noise_groups", 0, "Groups per big batch for the noise scale (0 = the"
+                       " trial's own).")
   app.run(main, flags_parser=lambda argv: parse_tool_flags(
       argv, "error", USAGE, "give a trial directory"))
