@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from scaling import cadence
 from scaling import noise_scale as noise_scale_lib
 from scaling import resources
 
@@ -42,12 +43,6 @@ def noise_metrics(noise: dict) -> dict:
   return {"noise/grad_sq": g_sq, "noise/trace_sigma": trace_sigma, "noise/b_simple": b_simple}
 
 
-def is_record_step(steps_done, log_every_steps: int, total_steps: int):
-  """Whether a train record is written after `steps_done` steps (numpy or jax arrays alike):
-  every log_every_steps and at the last step. The chunk measures its end metrics only there."""
-  return (steps_done % log_every_steps == 0) | (steps_done == total_steps)
-
-
 def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_per_sec,
               spec, chunk_ends):
   """Folds `count` per-step metrics into the window; writes a record every log_every_steps.
@@ -57,7 +52,7 @@ def log_train(writer, book, metrics_K, first_step, count, *, diverged, examples_
   those after its own step (a divergence record, mid-chunk, has none). Window sums run over slices (numpy), not step by step in Python: at small
   batches on a GPU the host's per-step work would be a visible share of the step time."""
   done_K = first_step + 1 + np.arange(count)
-  record_K = is_record_step(done_K, spec.log_every_steps, spec.total_steps)
+  record_K = cadence.due(done_K, spec.log_every_steps, spec.total_steps)
   if diverged:
     record_K[-1] = True
   begin = 0

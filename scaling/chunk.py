@@ -10,7 +10,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from scaling import bookkeeping, data, noise_scale, schedule, sharding, step as steplib
+from scaling import cadence, data, noise_scale, schedule, sharding, step as steplib
 
 
 epoch_order = data.host.epoch_order   # one order for both placements of the training set
@@ -52,7 +52,7 @@ def record_end_metrics(step, params, init_params, *, log_every_steps: int, total
   (bookkeeping.log_train: every log_every_steps and the last step; the loop ends a chunk at each),
   zeros after any other chunk, whose end metrics nothing reads. In a cond: computed after every
   short chunk they are a visible share of it (benchmarks/README.md: chunk-end metrics)."""
-  at_record = bookkeeping.is_record_step(step, log_every_steps, total_steps)
+  at_record = cadence.due(step, log_every_steps, total_steps)
   shapes = jax.eval_shape(chunk_end_metrics, params, init_params)
   return jax.lax.cond(at_record, lambda: chunk_end_metrics(params, init_params),
                       lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))

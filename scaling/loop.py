@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from scaling import bookkeeping, models, progress, schedule, sharding
+from scaling import bookkeeping, cadence, models, progress, schedule, sharding
 from scaling import metrics as metrics_lib
 from scaling.metrics import write_json
 
@@ -59,11 +59,6 @@ class LoopSpec:
     """The compiled chunk's (static) length for a chunk of num_active steps: chunk_steps, one
     program for every length, or, unrolled, num_active itself (train_chunk: no skipped steps)."""
     return num_active if self.chunk_unroll else self.chunk_steps
-
-
-def crossed(step: int, previous: int, every: int) -> bool:
-  """True at the first eval boundary at or after each multiple of `every` (0 = never)."""
-  return every > 0 and step // every > previous // every
 
 
 class StopRequest:
@@ -112,7 +107,7 @@ def evaluate_and_record(spec: LoopSpec, book, writer, state, step: int, rate: fl
   if spec.stop_at_target and book["target"]["reached"]:
     book["status"] = "done"
   finishing = step == spec.total_steps or book["status"] == "done"
-  if measure_curvature and (finishing or newly_reached or crossed(
+  if measure_curvature and (finishing or newly_reached or cadence.crossed(
       step, book["last_curvature_step"], spec.curvature_every_steps)):
     results = measure_curvature(state, step, step_seconds=B / rate,
                                 density=finishing and spec.curvature_density,
@@ -125,7 +120,7 @@ def evaluate_and_record(spec: LoopSpec, book, writer, state, step: int, rate: fl
     if newly_reached:
       book["target"]["at"].update(results)
     writer.write(step, results)
-  if crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
+  if cadence.crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
     save(state, step)
   book["elapsed"] = writer.elapsed()
   writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
@@ -162,8 +157,7 @@ def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
     while step < spec.total_steps and book["status"] == "running":
       # Dispatch the chunks up to the next evaluation, then fetch their metrics in one go. At
       # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
-      segment_end = min(spec.total_steps,
-                        (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
+      segment_end = cadence.next_due(step, spec.eval_every_steps, spec.total_steps)
       chunks, started, stopping, start = [], time.perf_counter(), False, step
       while start < segment_end:
         if stop.requested(start):
@@ -171,7 +165,7 @@ def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
           break
         # A chunk ends at a log record too: its parameter norm is the record's.
         end = min(start + spec.chunk_steps, segment_end,
-                  (start // spec.log_every_steps + 1) * spec.log_every_steps)
+                  cadence.next_due(start, spec.log_every_steps, spec.total_steps))
         state, metrics_K, ends = chunk_fn(state, *train_data, np.int32(end - start),
                                           num_steps=spec.chunk_length(end - start))
         if chunks:
@@ -203,7 +197,7 @@ def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
           step += count
           break
         step = segment_end
-      if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
+      if not stopping and cadence.due(step, spec.eval_every_steps, spec.total_steps):
         evaluate_and_record(spec, book, writer, state, step, rate, evaluate=evaluate,
                             measure_curvature=measure_curvature, save=save, cost=chunk_fn)
       # Every process stops together; a run that just finished (or stopped at its target) is done.

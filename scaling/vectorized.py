@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import bookkeeping, checkpoint, chunk, loop, memory, resources, schedule, sharding
+from scaling import bookkeeping, cadence, checkpoint, chunk, loop, memory, resources, schedule
+from scaling import sharding
 from scaling import train
 from scaling import measure as measure_lib
 from scaling import metrics as metrics_lib
@@ -296,8 +297,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
     while step < spec.total_steps and any(m.running for m in members):
       active = [i for i, m in enumerate(members) if m.running]
       active_M = sharding.put_replicated(np.asarray([m.running for m in members]), shared.mesh)
-      segment_end = min(spec.total_steps,
-                        (step // spec.eval_every_steps + 1) * spec.eval_every_steps)
+      segment_end = cadence.next_due(step, spec.eval_every_steps, spec.total_steps)
       chunks, started, stopping, before = [], time.perf_counter(), False, dict(cost_record)
       start = step
       while start < segment_end:   # loop.train_loop's chunks: each ends at a log record too
@@ -305,7 +305,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
           segment_end, stopping = start, True
           break
         end = min(start + spec.chunk_steps, segment_end,
-                  (start // spec.log_every_steps + 1) * spec.log_every_steps)
+                  cadence.next_due(start, spec.log_every_steps, spec.total_steps))
         state_M, metrics_MxK, ends_M = cost(state_M, member_inputs, active_M, shared.train_arrays,
                                             np.int32(end - start),
                                             num_steps=spec.chunk_length(end - start))
@@ -346,7 +346,7 @@ def _train_group(members: list[Member], state_M, step: int, shared: Shared) -> N
                           diverged_reason=diverged[1])
             _finish(m, None)
         step = segment_end
-      if not stopping and (step % spec.eval_every_steps == 0 or step == spec.total_steps):
+      if not stopping and cadence.due(step, spec.eval_every_steps, spec.total_steps):
         for i, m in enumerate(members):
           if m.running:
             state = take(i)
