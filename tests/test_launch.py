@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import checkpoint, launch, loop, status, train
+from scaling import checkpoint, launch, loop, sbatch, status, train
 from scaling.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,14 +47,14 @@ def write_summary(workdir, trial_id, status_name):
 @pytest.mark.parametrize("indices, max_running, spec", [
     ([0, 1, 2, 5, 7, 8], 2, "0-2,5,7-8%2"), ([3], 0, "3"), ([0, 2, 4], 1, "0,2,4%1")])
 def test_array_spec(indices, max_running, spec):
-  assert launch.array_spec(indices, max_running) == spec
+  assert sbatch.array_spec(indices, max_running) == spec
 
 
 @pytest.mark.parametrize("text, seconds", [
     ("90", 5400), ("1:30", 90), ("04:00:00", 14400), ("1-0", 86400), ("2-03:04", 183840),
     ("1-02:03:04", 93784)])
 def test_slurm_time_limits(text, seconds):
-  assert launch.time_limit_seconds(text) == seconds
+  assert sbatch.time_limit_seconds(text) == seconds
 
 
 def test_script_lists_only_unfinished_trials_and_signals_before_the_limit(tmp_path, capsys):
@@ -117,7 +117,7 @@ def test_nothing_to_submit_when_every_trial_is_finished(tmp_path, capsys):
 ])
 def test_bad_cluster_fields(cluster, message):
   with pytest.raises(ConfigError, match="^" + re.escape(message)):
-    launch.read_cluster(tiny_sweep(**cluster))
+    sbatch.read_cluster(tiny_sweep(**cluster))
 
 
 def test_a_missing_cluster_field_or_section_is_named():
@@ -126,11 +126,11 @@ def test_a_missing_cluster_field_or_section_is_named():
     config.cluster = ml_collections.ConfigDict(
         {k: v for k, v in config.cluster.items() if k != "time"})
   with pytest.raises(ConfigError, match=r"^cluster.time is missing from the config's cluster"):
-    launch.read_cluster(config)
+    sbatch.read_cluster(config)
   with config.unlocked():
     del config["cluster"]
   with pytest.raises(ConfigError, match="^the config has no cluster section"):
-    launch.read_cluster(config)
+    sbatch.read_cluster(config)
 
 
 def test_missing_sbatch_is_one_line_that_names_dry_run(tmp_path):

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import launch, train
+from scaling import launch, sbatch, train
 from scaling.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_a_trial_is_checked_against_the_devices_it_gets_on_the_cluster(cluster, 
                                                                        devices):
   config = tiny_sweep(**cluster)
   config.num_devices = num_devices
-  assert launch.trial_devices(config, launch.read_cluster(config)) == devices
+  assert launch.trial_devices(config, sbatch.read_cluster(config)) == devices
 
 
 # Values that would break the sbatch script.
@@ -202,7 +202,7 @@ def test_a_line_break_in_a_cluster_field_is_one_line_and_writes_nothing(tmp_path
 ])
 def test_values_that_would_break_the_script_are_refused(cluster, message):
   with pytest.raises(ConfigError, match="^" + re.escape(message)):
-    launch.read_cluster(tiny_sweep(**cluster))
+    sbatch.read_cluster(tiny_sweep(**cluster))
 
 
 @pytest.mark.parametrize("cluster, message", [
@@ -214,13 +214,13 @@ def test_values_that_would_break_the_script_are_refused(cluster, message):
 ])
 def test_a_cluster_field_of_the_wrong_type_is_refused(cluster, message):
   with pytest.raises(ConfigError, match="^" + re.escape(message)):
-    launch.read_cluster(retyped_cluster(**cluster))
+    sbatch.read_cluster(retyped_cluster(**cluster))
 
 
 @pytest.mark.parametrize("text, seconds", [
     ("25:00:00", 90000), ("0:59", 59), ("90:30", 5430), ("3-23:59:59", 345599), ("2-0", 172800)])
 def test_slurm_time_limits_with_units_in_range(text, seconds):
-  assert launch.time_limit_seconds(text) == seconds
+  assert sbatch.time_limit_seconds(text) == seconds
 
 
 def test_every_sbatch_line_reads_back_as_the_values_written(tmp_path, capsys, monkeypatch):
