@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import optax
 
-from scaling import bookkeeping, checkpoint, models, sharding, step as steplib
+from scaling import checkpoint, models, record, sharding, step as steplib
 
 
 def directory_mb(path: str) -> float:
@@ -76,8 +76,8 @@ def main():
         f" {mesh.size} device(s) ({jax.devices()[0].platform}), {args.dir}")
   print("".join(f"{x:>14}" for x in ("mode", "MB on disk", "1st save s", "save blocks s",
                                       "save done s", "1st restore s", "restore s")))
-  book = bookkeeping.new_bookkeeping(ml_collections.ConfigDict(
-      {"target": {"metric": "valid/error", "value": 0.01}}))
+  book = record.TrialRecord.new(ml_collections.ConfigDict(
+      {"target": {"metric": "valid/error", "value": 0.01, "stop_at_target": False}})).as_dict()
   for asynchronous in (True, False):
     bench(args.dir, state, abstract_state, book, args.repeats, asynchronous)
 

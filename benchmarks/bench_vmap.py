@@ -11,7 +11,7 @@ checkpoint at the end; evaluations every `--steps / 3` steps:
 two steady-state segments after the compiling one) and trains them twice in one process:
   S: sequentially, `scaling.train.run` per trial (they share one compiled chunk: the peak LR and
      the keys are runtime inputs), and
-  V: `scaling.vectorized.run` on all of them (one vmapped chunk program).
+  V: `scaling.train.run_group` on all of them (one vmapped chunk program).
 Both use a fresh persistent compilation cache, as scaling.main does. Whole-trial rates count everything a sweep pays (state init, compilation, evaluations, checkpoints,
 files): trials/hour = trials / wall seconds x 3600. The steady-state rate (compiling segments left
 out) is the group's examples per second of training: for S, whose trials ran one after another,
@@ -76,7 +76,7 @@ def measure(name: str, batch_size: int, steps: int, root: str) -> dict:
   seq, seq_wall, seq_cpu = timed(lambda: [
       train.run(t.config, os.path.join(seq_dir, t.id), trial_id=t.id, sweep_axes=t.overrides)
       for t in group])
-  vec, vec_wall, vec_cpu = timed(lambda: vectorized.run(
+  vec, vec_wall, vec_cpu = timed(lambda: train.run_group(
       [t.config for t in group], [os.path.join(vec_dir, t.id) for t in group],
       [t.id for t in group], [t.overrides for t in group]))
   # Steady-state examples/s of the whole group. S's trials ran one after another, each at its own

@@ -3,12 +3,14 @@ device-resident training set, each batch gathered on the devices from the epoch'
 
 `TrialInputs` are the chunk's runtime inputs (what differs between trials of an LR grid or of
 several seeds), so those trials share one compilation; `CarriedOrder` keeps the epoch's order
-between chunks. scaling/data/host.py's `HostChunk` stands in for the chunk when the training set
-is read on the host; scaling/vectorized.py vmaps it over trials.
+between chunks; `Solo` presents a trial alone to the loop as a group of one. scaling/data/host.py's
+`HostChunk` stands in for the chunk when the training set is read on the host;
+scaling/vectorized.py vmaps it over trials.
 """
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scaling import cadence, data, noise_scale, schedule, sharding, step as steplib
 
@@ -49,7 +51,7 @@ def chunk_end_metrics(params, init_params) -> dict:
 
 def record_end_metrics(step, params, init_params, *, log_every_steps: int, total_steps: int):
   """chunk_end_metrics after a chunk whose last step (`step` steps done) writes a train record
-  (bookkeeping.log_train: every log_every_steps and the last step; the loop ends a chunk at each),
+  (record.TrialRecord.absorb: every log_every_steps and the last step; the loop ends a chunk at each),
   zeros after any other chunk, whose end metrics nothing reads. In a cond: computed after every
   short chunk they are a visible share of it (benchmarks/README.md: chunk-end metrics)."""
   at_record = cadence.due(step, log_every_steps, total_steps)
@@ -130,6 +132,40 @@ class CarriedOrder:
 
   def lower(self, state, *args, num_steps: int):
     return self._chunk.lower(state, self._current(state, args), *args, num_steps=num_steps)
+
+
+class Solo:
+  """A trial trained alone, as the loop calls every chunk (scaling/loop.py): a group of one.
+
+  `fn(state, *args, num_active, num_steps=K)` -> (state, metrics_K, end_metrics) is the device
+  path's CarriedOrder chunk (args: the training arrays and the TrialInputs) or data.host.HostChunk
+  (args: the TrialInputs). The member axis is added on the host, after the fetch, so that the
+  compiled program is exactly the one a trial alone runs."""
+
+  def __init__(self, fn, *args, close=None):
+    self._fn, self._args, self._close = fn, args, close
+
+  def __call__(self, state, active_M, num_active, *, num_steps: int):
+    del active_M   # its one member: the loop stops dispatching when it stops
+    return self._fn(state, *self._args, np.int32(num_active), num_steps=num_steps)
+
+  def lower(self, state, active_M, num_active, *, num_steps: int):
+    del active_M
+    return self._fn.lower(state, *self._args, np.int32(num_active), num_steps=num_steps)
+
+  @staticmethod
+  def to_host(outputs: list) -> list:
+    """[(metrics_K, end_metrics)] on the devices -> [(metrics_1xK, end_metrics_1)] numpy."""
+    return jax.tree.map(lambda x: x[None], jax.device_get(outputs))
+
+  @staticmethod
+  def member_state(state, i: int):
+    del i
+    return state
+
+  def close(self) -> None:
+    if self._close:
+      self._close()
 
 
 def initial_order(steps_per_epoch, num_examples, mesh):

@@ -1,8 +1,18 @@
-"""The training loop of one trial: chunks dispatched up to each evaluation, their metrics fetched
-in one go, evaluations, curvature, checkpoints, summary.json, and a stop on SIGTERM/SIGINT.
+"""The training loop: a group of M >= 1 trials (members) trained by one chunk program. A trial
+trained alone is a group of one (train.run); scaling/vectorized.py's groups vmap the chunk.
 
-It knows nothing of configs (`LoopSpec` holds what it needs) nor of how the chunk was built
-(train.run's jitted chunk, data.host.HostChunk, or vectorized's per-member bookkeeping reuse it).
+Chunks are dispatched up to each evaluation and their metrics fetched in one go; each member's
+record (scaling/record.py) absorbs its metrics, and the member evaluates, measures curvature,
+checkpoints and writes summary.json at a solo trial's cadence. A member that diverges, or reaches
+its target with stop_at_target, is finished at once: its files are final and the chunk freezes it
+(its `active` flag) while the others train on. SIGTERM/SIGINT stop the group between chunks with
+a checkpoint for every member still running.
+
+It knows nothing of configs (`LoopSpec` holds what it needs) nor of how the chunk was built: every
+chunk is called as `chunk(state, active_M, num_active, num_steps=K)` -> (state, metrics, ends)
+and turns a list of those outputs into host arrays with a leading member axis
+(`chunk.to_host`); `chunk.member_state(state, i)` is member i's TrainState (chunk.Solo,
+vectorized.Vmapped).
 """
 import dataclasses
 import os
@@ -13,8 +23,9 @@ import time
 import jax
 import numpy as np
 
-from scaling import bookkeeping, cadence, models, progress, schedule, sharding
+from scaling import cadence, checkpoint, models, progress, resources, schedule, sharding
 from scaling import metrics as metrics_lib
+from scaling import record as record_lib
 from scaling.metrics import write_json
 
 
@@ -92,131 +103,185 @@ class Preempted(SystemExit):
   """Raised after a SIGTERM/SIGINT checkpoint; exits the process with 128 + signal number."""
 
 
-def evaluate_and_record(spec: LoopSpec, book, writer, state, step: int, rate: float, *, evaluate,
-                        measure_curvature, save, cost) -> None:
-  """The evaluation at `step` and what hangs on it: the target (and the noise scale there), the
-  curvature on its schedule, a checkpoint on its schedule, the flushed metrics and summary.json.
-  Shared by train_loop and vectorized's members (each with its own book, writer and cost)."""
-  B, T = spec.batch_size, spec.tokens_per_example
-  results = evaluate(state)
-  writer.write(step, results)
-  newly_reached = bookkeeping.record_eval(book, step, B, results, T)
-  if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
-    book["target"]["at"] = {"wall_time": writer.elapsed(),
-                            **bookkeeping.noise_metrics(book["noise"])}
-  if spec.stop_at_target and book["target"]["reached"]:
-    book["status"] = "done"
-  finishing = step == spec.total_steps or book["status"] == "done"
-  if measure_curvature and (finishing or newly_reached or cadence.crossed(
-      step, book["last_curvature_step"], spec.curvature_every_steps)):
-    results = measure_curvature(state, step, step_seconds=B / rate,
-                                density=finishing and spec.curvature_density,
-                                top_only=spec.curvature_top_only and not (
-                                    finishing or newly_reached))
-    density = results.pop("curvature/density", None)
-    if density and jax.process_index() == 0:
-      np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
-    book["curvature"], book["last_curvature_step"] = results, step
-    if newly_reached:
-      book["target"]["at"].update(results)
-    writer.write(step, results)
-  if cadence.crossed(step, book["last_checkpoint_step"], spec.checkpoint_every_steps):
-    save(state, step)
-  book["elapsed"] = writer.elapsed()
-  writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
-  write_json(os.path.join(spec.workdir, "summary.json"),
-             bookkeeping.summary(book, step, B, T, cost))
+@dataclasses.dataclass
+class Member:
+  """One trial of a group, on the host: its files, its running record, where it stands."""
+  spec: LoopSpec
+  record: record_lib.TrialRecord
+  ckpts: checkpoint.Checkpoints
+  step: int                       # where it stands: behind the group once it has diverged
+  measure: object = None          # its measure.Measure (its own key and warm start), or None
+  cost: resources.ChunkCost = None   # summary() of its share of the group's cost
+  writer: metrics_lib.MetricsWriter = None
+  summary: dict | None = None     # set once it is finished
+
+  @property
+  def running(self) -> bool:
+    return self.record.status == "running" and self.summary is None
+
+  def save(self, state, step: int) -> None:
+    self.record.elapsed = self.writer.elapsed()
+    self.record.last_checkpoint_step = step
+    self.writer.flush()
+    self.ckpts.save(step, state, self.record.as_dict())
+
+  def evaluate(self, state, step: int, rate: float, evaluate) -> None:
+    """The evaluation at `step` and what hangs on it: the target (and the noise scale there),
+    the curvature on its schedule, a checkpoint on its schedule, the flushed metrics and
+    summary.json."""
+    spec, record = self.spec, self.record
+    B, T = spec.batch_size, spec.tokens_per_example
+    results = evaluate(state)
+    self.writer.write(step, results)
+    newly_reached = record.record_eval(step, B, results, T)
+    if newly_reached:   # equal-loss comparisons across batch sizes (McCandlish et al. 2018)
+      record.target.at = {"wall_time": self.writer.elapsed(), **record.noise_metrics()}
+    if spec.stop_at_target and record.target.reached:
+      record.status = "done"
+    finishing = step == spec.total_steps or record.status == "done"
+    if self.measure and (finishing or newly_reached or cadence.crossed(
+        step, record.last_curvature_step, spec.curvature_every_steps)):
+      results = self.measure(state, step, step_seconds=B / rate,
+                             density=finishing and spec.curvature_density,
+                             top_only=spec.curvature_top_only and not (finishing or newly_reached))
+      density = results.pop("curvature/density", None)
+      if density and jax.process_index() == 0:
+        np.savez(os.path.join(spec.workdir, f"density_{step}.npz"), **density)
+      record.curvature, record.last_curvature_step = results, step
+      if newly_reached:
+        record.target.at.update(results)
+      self.writer.write(step, results)
+    if cadence.crossed(step, record.last_checkpoint_step, spec.checkpoint_every_steps):
+      self.save(state, step)
+    record.elapsed = self.writer.elapsed()
+    self.writer.flush()   # metrics.jsonl is readable (the report, a person) at every evaluation
+    write_json(os.path.join(spec.workdir, "summary.json"), self._summary())
+
+  def finish(self, state) -> None:
+    """Its last checkpoint (not for a diverged trial: its state is not worth resuming), then
+    summary.json; its files are final."""
+    if self.record.status in ("done", "preempted") and self.record.last_checkpoint_step != self.step:
+      self.save(state, self.step)
+    self.ckpts.wait()
+    self.record.elapsed = self.writer.elapsed()
+    self.writer.close()
+    self.summary = self._summary()
+    write_json(os.path.join(self.spec.workdir, "summary.json"), self.summary)
+
+  def _summary(self) -> dict:
+    return self.record.summary(self.step, self.spec.batch_size, self.spec.tokens_per_example,
+                               self.cost)
 
 
-def train_loop(spec: LoopSpec, state, step, book, *, ckpts, chunk_fn, evaluate,
-                measure_curvature, train_data):
-  """Runs from `step` to the end of the budget (or target/divergence/preemption)."""
-  B, T = spec.batch_size, spec.tokens_per_example
+def _share_cost(group_record: dict, before: dict, members: list[Member]) -> None:
+  """Adds the group's compile and train time of the last segment to each member that trained in
+  it: the wall time its trial took, shared with the others."""
+  for m in members:
+    own = m.record.resources
+    for key in ("compile_seconds", "train_seconds", "train_steps"):
+      own[key] += group_record[key] - before.get(key, 0)
+    for key in ("memory_bytes", "memory_source"):   # the whole group's program
+      if key in group_record:
+        own[key] = group_record[key]
+
+
+def _fetch_segment(chunk, chunks):
+  """The dispatched chunks' outputs on the host: per-step metrics {name: [M, steps]} of the whole
+  segment and, per chunk end step, the end metrics {name: [M]}."""
+  fetched = chunk.to_host([c[2:] for c in chunks])
+  metrics_MxK = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[
+      jax.tree.map(lambda x: x[:, :end - start], m) for (start, end, *_), (m, _) in
+      zip(chunks, fetched)])
+  return metrics_MxK, {end: e for (_, end, *_), (_, e) in zip(chunks, fetched)}
+
+
+def train_loop(members: list[Member], state, step: int, chunk, *, evaluate) -> list[dict]:
+  """Trains the group, every member standing at `step`, to the end of the budget (each member
+  may stop earlier at its target or divergence); returns the members' summaries. Raises
+  Preempted after a stop request, with every running member checkpointed."""
+  spec = members[0].spec   # every field but workdir is the members' common one
+  B, T, M = spec.batch_size, spec.tokens_per_example, len(members)
+  solo = members[0] if M == 1 else None   # a lone trial's ETA can follow its own target
   tracker = progress.TrialProgress(
-      B, spec.total_steps, step, eval_every=spec.eval_every_steps,
-      stop_at_target=spec.stop_at_target,
-      target=(book["target"]["metric"], book["target"]["value"]),
-      curvature_every=spec.curvature_every_steps if measure_curvature else None)
+      B, spec.total_steps, step, eval_every=spec.eval_every_steps, members=M,
+      stop_at_target=bool(solo) and spec.stop_at_target,
+      target=solo and (solo.record.target.metric, solo.record.target.value),
+      curvature_every=spec.curvature_every_steps if members[0].measure else None)
   evaluate = tracker.timed("evaluation", evaluate)   # their measured cost goes into the ETA
-  measure_curvature = measure_curvature and tracker.timed("curvature", measure_curvature)
-  writer = metrics_lib.MetricsWriter(spec.workdir, B, spec.total_steps, step, book["elapsed"],
-                                     tokens_per_example=T, tracker=tracker)
-  summary_path = os.path.join(spec.workdir, "summary.json")
-
-  def save(state, step):
-    book["elapsed"] = writer.elapsed()
-    book["last_checkpoint_step"] = step
-    writer.flush()
-    ckpts.save(step, state, book)
-
+  group_cost = {}
+  cost = resources.ChunkCost(chunk, group_cost, B)
+  for m in members:
+    m.measure = m.measure and tracker.timed("curvature", m.measure)
+    m.writer = metrics_lib.MetricsWriter(m.spec.workdir, B, spec.total_steps, step,
+                                         m.record.elapsed, tokens_per_example=T)
+  rate = None
   with StopRequest() as stop:
     if step == 0 and spec.eval_at_start:
-      results = evaluate(state)
-      writer.write(0, results)
-      bookkeeping.record_eval(book, 0, B, results, T)
-    while step < spec.total_steps and book["status"] == "running":
+      for i, m in enumerate(members):
+        results = evaluate(chunk.member_state(state, i))
+        m.writer.write(0, results)
+        m.record.record_eval(0, B, results, T)
+    while step < spec.total_steps and any(m.running for m in members):
+      active = [i for i, m in enumerate(members) if m.running]
+      active_M = np.array([m.running for m in members])
       # Dispatch the chunks up to the next evaluation, then fetch their metrics in one go. At
       # most one chunk waits in the queue, so a stop request is honoured within about two chunks.
       segment_end = cadence.next_due(step, spec.eval_every_steps, spec.total_steps)
       chunks, started, stopping, start = [], time.perf_counter(), False, step
+      before = dict(group_cost)
       while start < segment_end:
         if stop.requested(start):
           segment_end, stopping = start, True
           break
-        # A chunk ends at a log record too: its parameter norm is the record's.
+        # A chunk ends at a train record too: its parameter norm is the record's.
         end = min(start + spec.chunk_steps, segment_end,
                   cadence.next_due(start, spec.log_every_steps, spec.total_steps))
-        state, metrics_K, ends = chunk_fn(state, *train_data, np.int32(end - start),
-                                          num_steps=spec.chunk_length(end - start))
+        state, metrics, ends = cost(state, active_M, end - start,
+                                    num_steps=spec.chunk_length(end - start))
         if chunks:
           jax.block_until_ready(chunks[-1])
-        chunks.append((start, end, metrics_K, ends))
+        chunks.append((start, end, metrics, ends))
         start = end
       if chunks:
-        fetched = jax.device_get([c[2:] for c in chunks])
-        metrics_K = jax.tree.map(lambda *xs: np.concatenate(xs), *[
-            jax.tree.map(lambda x: x[:end - start], m) for (start, end, *_), (m, _) in
-            zip(chunks, fetched)])
-        chunk_ends = {end: {k: float(v) for k, v in e.items()}
-                      for (_, end, *_), (_, e) in zip(chunks, fetched)}
-        n = segment_end - step
-        seconds = time.perf_counter() - started
-        compile_seconds = chunk_fn.segment_done(n, seconds)
-        rate = writer.progress(segment_end, n, seconds - compile_seconds,
-                               float(np.mean(metrics_K["train/loss"])))
-        if book["initial_loss"] is None:
-          book["initial_loss"] = float(metrics_K["train/loss"][0])
-        diverged = bookkeeping.first_divergence(metrics_K["train/loss"], step, book["initial_loss"],
-                                    spec.loss_multiple)
-        count = diverged[0] + 1 if diverged else n
-        bookkeeping.log_train(writer, book, metrics_K, step, count, diverged=bool(diverged),
-                              examples_per_sec=rate, spec=spec, chunk_ends=chunk_ends)
-        if diverged:  # a result, not a crash: record where and why, keep the sweep going
-          book.update(status="diverged", diverged_at_step=step + diverged[0],
-                      diverged_reason=diverged[1])
-          step += count
-          break
+        metrics_MxK, ends_M = _fetch_segment(chunk, chunks)
+        n, seconds = segment_end - step, time.perf_counter() - started
+        compile_seconds = cost.segment_done(n, seconds)
+        _share_cost(group_cost, before, [members[i] for i in active])
+        rate = tracker.segment(segment_end, n, seconds - compile_seconds,
+                               float(np.mean(metrics_MxK["train/loss"][active])),
+                               show=jax.process_index() == 0)
+        for i in active:
+          m = members[i]
+          count = m.record.absorb(
+              m.writer, {k: v[i] for k, v in metrics_MxK.items()}, step, m.spec,
+              examples_per_sec=rate,
+              chunk_ends={end: {k: float(v[i]) for k, v in e.items()} for end, e in ends_M.items()})
+          m.step = step + count
+          if m.record.status == "diverged":   # frozen from the next chunk on
+            m.finish(None)
         step = segment_end
       if not stopping and cadence.due(step, spec.eval_every_steps, spec.total_steps):
-        evaluate_and_record(spec, book, writer, state, step, rate, evaluate=evaluate,
-                            measure_curvature=measure_curvature, save=save, cost=chunk_fn)
-      # Every process stops together; a run that just finished (or stopped at its target) is done.
-      if ((stopping or stop.requested(step)) and book["status"] == "running"
+        for i, m in enumerate(members):
+          if m.running:
+            member_state = chunk.member_state(state, i)
+            m.evaluate(member_state, step, rate, evaluate)
+            if m.record.status == "done":   # stopped at its target: frozen from now on
+              m.finish(member_state)
+      # Every process stops together; a member that just finished (or reached its target) is done.
+      if ((stopping or stop.requested(step)) and any(m.running for m in members)
           and step < spec.total_steps):
-        book["status"] = "preempted"   # saved below, unless this step's checkpoint just was
+        for m in members:
+          if m.running:
+            m.record.status = "preempted"   # checkpointed by finish(), unless it just was
         break
-    if book["status"] == "running":
-      book["status"] = "done"
-    # A stop right after a checkpoint finds its step saved already.
-    if book["status"] in ("done", "preempted") and book["last_checkpoint_step"] != step:
-      save(state, step)
-    ckpts.wait()
-    book["elapsed"] = writer.elapsed()
-    writer.close()
-    summary = bookkeeping.summary(book, step, B, T, chunk_fn)
-    write_json(summary_path, summary)
-  if book["status"] == "preempted":
-    print(f"stopped by signal {stop.signal} at step {step}: checkpoint saved, rerun to resume",
-          flush=True)
+    for i, m in enumerate(members):
+      if m.summary is None:
+        if m.record.status == "running":
+          m.record.status = "done"
+        m.finish(chunk.member_state(state, i))
+    tracker.close()
+  if any(m.record.status == "preempted" for m in members):
+    print(f"stopped by signal {stop.signal} at step {step}: checkpoint{'s' if M > 1 else ''}"
+          " saved, rerun to resume", flush=True)
     raise Preempted(128 + (stop.signal or signal.SIGTERM))
-  return summary
+  return [m.summary for m in members]

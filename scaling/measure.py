@@ -8,6 +8,7 @@ training steps so that a schedule can be chosen knowingly.
 
 Offline, from a trial's checkpoint: scaling/measure_checkpoint.py.
 """
+import copy
 import time
 
 import jax
@@ -63,6 +64,13 @@ class Measure:
         f, p, eps=cc.sharpness_eps, num_steps=cc.sharpness_steps, unroll=cc.unroll))
     self._density = bind(lambda f, p, key: curvature.spectral_density(
         f, p, key, num_starts=cc.density_starts, num_steps=cc.density_steps, unroll=cc.unroll))
+
+  def for_seed(self, seed: int) -> "Measure":
+    """This measurement (its compiled functions shared) with its own probe key and warm start:
+    one per member of a vectorised group, as a trial alone of that seed would have."""
+    view = copy.copy(self)
+    view.key, view.top_vector = jax.random.PRNGKey(seed + 2_000_003), None
+    return view
 
   def _top(self, state, v0, step_seconds) -> dict:
     eigen, eigen_s = self._timed(self._eigen, state, v0)

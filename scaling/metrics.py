@@ -18,7 +18,6 @@ import time
 import jax
 from tensorboardX import SummaryWriter
 
-from scaling import progress as progress_lib
 
 
 def _plain(value):
@@ -96,12 +95,8 @@ def _quiet_disk_full(previous_hook):
 class MetricsWriter:
 
   def __init__(self, workdir: str, batch_size: int, total_steps: int, start_step: int = 0,
-               elapsed: float = 0.0, tokens_per_example: int = 0,
-               tracker: progress_lib.TrialProgress | None = None):
+               elapsed: float = 0.0, tokens_per_example: int = 0):
     self.enabled = jax.process_index() == 0
-    # The console line and its ETA (evaluation and curvature costs measured by `tracker.timed`).
-    self.tracker = tracker or progress_lib.TrialProgress(batch_size, total_steps, start_step,
-                                                         eval_every=0)
     self.batch_size = batch_size
     self.tokens_per_example = tokens_per_example   # a language model's batch measure; 0: none
     self.total_steps = total_steps
@@ -148,12 +143,6 @@ class MetricsWriter:
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, global_step=step)
 
-  def progress(self, step: int, steps: int, seconds: float, loss: float) -> float:
-    """One console line (scaling/progress.py): step of total, loss, steady-state throughput and
-    an ETA that counts evaluation and curvature at their measured cost; `steps` took `seconds`
-    (training only). Returns this segment's examples per second."""
-    return self.tracker.segment(step, steps, seconds, loss, show=self.enabled)
-
   def flush(self) -> None:
     if self.enabled:
       with reporting_disk_full("metrics.jsonl", self._jsonl.name):
@@ -161,7 +150,6 @@ class MetricsWriter:
         self._tb.flush()
 
   def close(self) -> None:
-    self.tracker.close()
     if self.enabled:
       with reporting_disk_full("metrics.jsonl", self._jsonl.name):
         self._check_tensorboard()   # closing waits for its thread

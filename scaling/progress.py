@@ -67,13 +67,17 @@ class TrialProgress:
 
   def __init__(self, batch_size: int, total_steps: int, start_step: int = 0, *, eval_every: int,
                curvature_every: int | None = None, stop_at_target: bool = False,
-               target: tuple[str, float] | None = None, stream=None, clock=time.perf_counter):
+               target: tuple[str, float] | None = None, members: int = 1, stream=None,
+               clock=time.perf_counter):
     """target: (metric, value) that stops the trial when stop_at_target: the ETA then runs to
-    the step where the metric's recent trend crosses it, where one can be extrapolated."""
+    the step where the metric's recent trend crosses it, where one can be extrapolated.
+    members: the trials of a vectorised group (scaling/loop.py), each evaluated (and measured)
+    at every evaluation step: the line shows their examples/s together."""
     self.batch_size, self.total_steps, self.start_step = batch_size, total_steps, start_step
     self.eval_every, self.curvature_every = eval_every, curvature_every
     self.stop_at_target, self.target = stop_at_target, target
     self.step = start_step
+    self.members = members
     self.evaluations = []              # (step, target metric) of this run's evaluations
     self.stream = stream or sys.stdout
     self.clock = clock
@@ -132,9 +136,11 @@ class TrialProgress:
       end = min(-(-end // self.eval_every) * self.eval_every, self.total_steps)
     parts = {"train": (end - step) / rate if rate else None}
     evals = evaluations_left(step, end, self.eval_every)
-    parts["evaluation"] = evals * self.cost["evaluation"] if "evaluation" in self.cost else None
+    per_step = self.members   # one evaluation (and measurement) per member
+    parts["evaluation"] = (evals * per_step * self.cost["evaluation"] if "evaluation" in self.cost
+                           else None)
     if self.curvature_every is not None:
-      left = measurements_left(step, end, self.curvature_every)
+      left = measurements_left(step, end, self.curvature_every) * per_step
       parts["curvature"] = left * self.cost["curvature"] if "curvature" in self.cost else None
     known = [v for v in parts.values() if v is not None]
     parts["total"] = sum(known) if parts["train"] is not None else None
@@ -142,7 +148,7 @@ class TrialProgress:
 
   def segment(self, step: int, steps: int, seconds: float, loss: float, show=True) -> float:
     """Records a segment that ended at `step`, prints the line (if `show`); returns its
-    examples/s."""
+    examples/s (per member of a group)."""
     self.segments.append((steps, seconds))
     self.step = step
     if show:
@@ -151,8 +157,9 @@ class TrialProgress:
 
   def line(self, step: int, loss: float) -> str:
     rate, eta, end = self.steps_per_sec(), self.eta(step), self.end_step()
-    text = (f"step {step}/{self.total_steps}  loss {loss:.4f}  "
-            f"{(rate or 0) * self.batch_size:,.0f} examples/s")
+    group = f"  {self.members} vectorised trials" if self.members > 1 else ""
+    text = (f"step {step}/{self.total_steps}{group}  loss {loss:.4f}  "
+            f"{(rate or 0) * self.batch_size * self.members:,.0f} examples/s")
     if eta["total"] is None:
       text += "  eta ? (measuring)"
     else:
@@ -161,7 +168,7 @@ class TrialProgress:
       unknown = [k for k, v in parts.items() if v is None]
       detail += "".join(f"; + {k} (not measured yet)" for k in unknown)
       bound = "<=" if self.stop_at_target and end == self.total_steps else ""
-      whence = ("" if not self.stop_at_target else f"; to the cap, unless it reaches the target"
+      whence = ("" if not self.stop_at_target else "; to the cap, unless it reaches the target"
                 if end == self.total_steps else f"; to the target, extrapolated at step ~{end}")
       text += (f"  eta {'>=' if unknown else bound}{duration(eta['total'])} ({detail}{whence})")
     sweep = SweepProgress.current

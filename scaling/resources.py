@@ -7,7 +7,7 @@ training alone (evaluation and curvature run between segments and are not timed)
 the device's own `peak_bytes_in_use` where the backend reports memory stats (GPU, TPU), else XLA's
 compiled memory analysis of the chunk (arguments + outputs - aliased + temporaries): what XLA plans
 to hold at once, which the CPU backend does not measure. Everything lands in the trial's
-bookkeeping dict `record` (checkpointed, so a resume continues the sums).
+record (scaling/record.py: `resources`) (checkpointed, so a resume continues the sums).
 
 Compilations are counted from jax.monitoring's events: every XLA compile request of a jitted
 function ends with a backend-compile event, preceded by a cache-hit event when the persistent

@@ -314,12 +314,12 @@ def write_csv(workdir: str, trials: list[Trial], plans: list[schedule.Plan]) -> 
 
 
 def _run_trials(ready: list[Trial]) -> list[dict]:
-  """One trial alone (train.run), or several in one vmapped program (vectorized.run)."""
+  """One trial alone (train.run), or several in one vmapped program (train.run_group)."""
   if len(ready) == 1:
     t = ready[0]
     return [train.run(t.config, t.directory, trial_id=t.id, sweep_axes=t.overrides)]
-  return vectorized.run([t.config for t in ready], [t.directory for t in ready],
-                        [t.id for t in ready], [t.overrides for t in ready])
+  return train.run_group([t.config for t in ready], [t.directory for t in ready],
+                         [t.id for t in ready], [t.overrides for t in ready])
 
 
 def plan_memory(config, limit_bytes: int | None = None) -> list[str]:

@@ -1,6 +1,8 @@
-"""One trial: config -> data -> model -> compiled chunk -> the loop -> summary.json.
+"""Trials: config -> data -> model -> compiled chunk -> the loop -> summary.json.
 
-`run(config, workdir)` is the whole trial: it builds what the stages need and hands them on.
+`run(config, workdir)` is one trial, `run_group` M >= 1 of them through one chunk program (a
+trial alone is a group of one; scaling/vectorized.py vmaps the chunk over M): it builds what the
+stages need and hands them to scaling/loop.py's train_loop.
 The training data live on the devices (replicated; they are small) and `chunk_steps` steps run per
 dispatch in one program (scaling/chunk.py), so Python overhead does not dominate small batches;
 scaling/loop.py dispatches the chunks, evaluates, measures curvature, checkpoints and records.
@@ -23,8 +25,9 @@ import numpy as np
 from scaling import checkpoint, data, loop, models, schedule, sharding, step as steplib
 from scaling import chunk as chunklib
 from scaling import measure as measure_lib
-from scaling import bookkeeping, memory, resources
+from scaling import memory, resources, vectorized
 from scaling import metrics as metrics_lib
+from scaling import record as record_lib
 from scaling.config import ConfigError, check_fields
 from scaling.metrics import write_json
 
@@ -141,22 +144,19 @@ def trial_record(config, plan, mesh, splits, abstract_state, trial_id: str,
 
 
 def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state, fresh_state):
-  """(step, state, bookkeeping) from the trial's latest checkpoint, else (0, fresh_state(), new);
+  """(step, state, record) from the trial's latest checkpoint, else (0, fresh_state(), new);
   writes config.json and drops metrics.jsonl records past the step this run starts from."""
   restored = None
   if ckpts.steps():
     checkpoint.check_same_run(os.path.join(workdir, "config.json"), resolved)
     restored = ckpts.restore_latest(abstract_state)
   if restored:
-    step, state, book = restored
-    # Fields added since the checkpoint was written start at their defaults.
-    book = {**bookkeeping.new_bookkeeping(config), **book, "status": "running"}
-    if book["target"]["reached"] and book["target"]["stop_at_target"]:
-      book["status"] = "done"   # it had stopped at its target (its summary.json was lost)
+    step, state, saved = restored
+    record = record_lib.TrialRecord.restored(saved, config)
     print(f"resuming {workdir} from step {step} (restore {ckpts.last_restore_seconds:.2f}s)",
           flush=True)
   else:
-    step, state, book = 0, fresh_state(), bookkeeping.new_bookkeeping(config)
+    step, state, record = 0, fresh_state(), record_lib.TrialRecord.new(config)
   # Records past the restored step are rewritten by this run (all of them when starting afresh).
   path = os.path.join(workdir, "metrics.jsonl")
   missing = metrics_lib.truncate_after(path, step if restored else -1,
@@ -166,7 +166,7 @@ def start_or_resume(config, workdir: str, resolved: dict, ckpts, abstract_state,
           f" step {step} (steps {missing[0]}..{missing[-1]}): they were lost or removed while the"
           " trial was stopped; its curves have a gap there", file=sys.stderr, flush=True)
   write_json(os.path.join(workdir, "config.json"), resolved)
-  return step, state, book
+  return step, state, record
 
 
 def device_train_data(splits, mesh):
@@ -247,50 +247,94 @@ def run(config, workdir: str, trial_id: str = "trial", sweep_axes: dict | None =
   memory (`memory_limit_bytes`, default the device's own limit where the backend reports one) is
   refused with a ConfigError before anything trains.
   """
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.num_devices)
-  splits = load_data(config)
-  plan, model, _, optimizer = build(config, splits, mesh)
-  memory.check_fits(functools.partial(step_memory_bytes, config, splits), config.batch_size,
-                    memory_limit_bytes or memory.device_memory_bytes())
-  abstract_state, init = abstract_train_state(config, model, optimizer, splits, mesh)
+  return run_group([config], [workdir], [trial_id], [sweep_axes], memory_limit_bytes)[0]
+
+
+def run_group(configs: list, workdirs: list[str], trial_ids: list[str] | None = None,
+              sweep_axes: list[dict] | None = None,
+              memory_limit_bytes: int | None = None) -> list[dict]:
+  """Trains M >= 1 trials, each in its own workdir, through one chunk program: alone (M = 1), or
+  vmapped (scaling/vectorized.py: configs that differ only in its VMAPPED_FIELDS). Returns their
+  summaries. Members restored at different steps train as successive groups."""
+  M, first = len(configs), configs[0]
+  trial_ids, sweep_axes = trial_ids or ["trial"] * M, sweep_axes or [{}] * M
+  mesh = sharding.make_mesh(first.num_devices)
+  splits = load_data(first)
+  if M > 1:
+    vectorized.check_group(configs, splits)
+  built = [build(c, splits, mesh) for c in configs]   # every config checked
+  plan, model, _, optimizer = built[0]
+  # M members hold about M times a solo step's buffers (states and activations).
+  memory.check_fits(lambda b, k: M * step_memory_bytes(first, splits, b, k),
+                    first.batch_size, memory_limit_bytes or memory.device_memory_bytes())
+  abstract_state, init = abstract_train_state(first, model, optimizer, splits, mesh)
   init_fn = jax.jit(init, out_shardings=sharding.replicated(mesh))
-  rng = jax.random.PRNGKey(config.seed)
-  resolved = trial_record(config, plan, mesh, splits, abstract_state, trial_id, sweep_axes)
-
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
-                                 asynchronous=config.checkpoint.asynchronous)
-  step, state, book = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
-                                      lambda: init_fn(rng))
-  # The initial parameters, rebuilt from the seed (a resumed run gets the same ones), in their own
-  # buffers: the training state's are donated to the first chunk.
-  inputs = chunklib.TrialInputs.of(plan, config.seed, init_fn(rng).params)
-  step_fn = step_function(config, plan, model, mesh)
-  gather, train_arrays = device_train_data(splits, mesh)
-  if splits.train_source:   # each process reads its rows of each batch, from `step` on
-    chunk = data.host.HostChunk(
-        splits.train_source, inputs.data_key, mesh, batch_size=config.batch_size,
-        steps_per_epoch=plan.steps_per_epoch, start_step=step, chunk_steps=config.chunk_steps,
-        step_fn=step_fn, end_metrics=end_metrics(plan), pixel_scale=splits.pixel_scale,
-        unroll=config.chunk_unroll)
-    train_data = (inputs,)
-  else:
-    chunk = chunklib.CarriedOrder(
-        jax.jit(chunk_function(config, plan, splits, mesh, gather, step_fn),
-                static_argnames="num_steps", donate_argnames=("state", "order_N")),
-        chunklib.initial_order(plan.steps_per_epoch, len(splits.train_labels), mesh))
-    train_data = (train_arrays, inputs)
-  chunk_fn = resources.ChunkCost(chunk, book.setdefault("resources", {}), config.batch_size)
-  book["step_cap"] = plan.total_steps
-  evaluate = make_evaluate(config, splits, model, mesh)
-
-  measure = (measure_lib.Measure(config.curvature, model, splits, mesh, config.seed)
-             if config.curvature.enabled else None)
+  groups = microbatching(first, mesh.size).groups
+  for workdir in workdirs:   # only once every check has passed: refused input writes nothing
+    os.makedirs(workdir, exist_ok=True)
+  evaluate = make_evaluate(first, splits, model, mesh)
+  measure = (measure_lib.Measure(first.curvature, model, splits, mesh, first.seed)
+             if first.curvature.enabled else None)
+  members, states, inputs = [], [], []
   try:
-    return loop.train_loop(loop.LoopSpec.of(config, plan, workdir, microbatching(config, mesh.size).groups),
-                       state, step, book, ckpts=ckpts, chunk_fn=chunk_fn, evaluate=evaluate,
-                       measure_curvature=measure, train_data=train_data)
+    for config, workdir, (plan, *_), tid, axes in zip(configs, workdirs, built, trial_ids,
+                                                      sweep_axes):
+      resolved = trial_record(config, plan, mesh, splits, abstract_state, tid, axes)
+      ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                                     asynchronous=config.checkpoint.asynchronous)
+      rng = jax.random.PRNGKey(config.seed)
+      step, state, record = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
+                                            lambda: init_fn(rng))
+      record.step_cap = plan.total_steps
+      members.append(loop.Member(
+          loop.LoopSpec.of(config, plan, workdir, groups), record, ckpts, step,
+          measure=measure and measure.for_seed(config.seed),
+          cost=resources.ChunkCost(None, record.resources, config.batch_size)))
+      states.append(state)
+      # The initial parameters, rebuilt from the seed (a resumed run gets the same ones), in
+      # their own buffers: the training state's are donated to the first chunk.
+      inputs.append(chunklib.TrialInputs.of(plan, config.seed, init_fn(rng).params))
+    new_chunk = _chunk_maker(first, plan, splits, model, mesh, vmapped=M > 1)
+    by_step = {}   # members restored at different steps (one resumed alone before) train apart
+    for i, m in enumerate(members):
+      by_step.setdefault(m.step, []).append(i)
+    for step, group in sorted(by_step.items()):
+      chunk, state = new_chunk(step, [inputs[i] for i in group], [states[i] for i in group])
+      try:
+        loop.train_loop([members[i] for i in group], state, step, chunk, evaluate=evaluate)
+      finally:
+        chunk.close()
   finally:
-    ckpts.close()
-    if splits.train_source:
-      chunk.close()
+    for m in members:
+      m.ckpts.close()
+  return [m.summary for m in members]
+
+
+def _chunk_maker(config, plan, splits, model, mesh, *, vmapped: bool):
+  """new_chunk(step, inputs, states) -> (the loop's chunk for members standing at `step`, their
+  state): vectorized.Vmapped over the stacked states, else a trial alone (chunk.Solo) on the
+  device-resident training set or, when that lives on the host, data.host.HostChunk."""
+  step_fn = step_function(config, plan, model, mesh)   # the peak LR is an input
+  gather, train_arrays = device_train_data(splits, mesh)
+  if vmapped:
+    return vectorized.chunk_maker(chunk_function(config, plan, splits, mesh, gather, step_fn),
+                                  plan, splits, mesh, train_arrays)
+  if splits.train_source:   # each process reads its rows of each batch, from `step` on
+    def new_chunk(step, inputs, states):
+      (inputs,), (state,) = inputs, states
+      host = data.host.HostChunk(
+          splits.train_source, inputs.data_key, mesh, batch_size=config.batch_size,
+          steps_per_epoch=plan.steps_per_epoch, start_step=step, chunk_steps=config.chunk_steps,
+          step_fn=step_fn, end_metrics=end_metrics(plan), pixel_scale=splits.pixel_scale,
+          unroll=config.chunk_unroll)
+      return chunklib.Solo(host, inputs, close=host.close), state
+    return new_chunk
+  program = jax.jit(chunk_function(config, plan, splits, mesh, gather, step_fn),
+                    static_argnames="num_steps", donate_argnames=("state", "order_N"))
+  order = chunklib.initial_order(plan.steps_per_epoch, len(splits.train_labels), mesh)
+
+  def new_chunk(step, inputs, states):
+    del step   # the state's own step counter places it in its epoch
+    (inputs,), (state,) = inputs, states
+    return chunklib.Solo(chunklib.CarriedOrder(program, order), train_arrays, inputs), state
+  return new_chunk

@@ -209,7 +209,7 @@ def test_a_group_resumed_mid_way_ends_as_the_uninterrupted_one(runs, tmp_path, c
       if int(step) > 8:
         shutil.rmtree(os.path.join(d, "checkpoints", step))
     os.remove(os.path.join(d, "summary.json"))
-  resumed = vectorized.run([t.config for t in members], dirs, [t.id for t in members],
+  resumed = train.run_group([t.config for t in members], dirs, [t.id for t in members],
                            [t.overrides for t in members])
   assert capsys.readouterr().out.count("from step 8 ") == 2
   for t, d, summary in zip(members, dirs, resumed):
@@ -247,7 +247,7 @@ def test_bad_input_is_one_line_before_training(tmp_path):
   with pytest.raises(ConfigError, match=r"^sweep.vectorize_trials: .* not an axis"):
     sweep.main(c, str(tmp_path / "b"))
   with pytest.raises(ConfigError, match="differ only in seed, base_lr, lr_multiplier"):
-    vectorized.run([tiny_config(), tiny_config(batch_size=16)],
+    train.run_group([tiny_config(), tiny_config(batch_size=16)],
                    [str(tmp_path / "c"), str(tmp_path / "d")])
   # The host data path (one order per trial read on the host) is not vectorised.
   with pytest.raises(ConfigError, match=r"^vectorize_trials=3 needs the training set on the"
@@ -297,7 +297,7 @@ def test_curvature_per_member_equals_solo(tmp_path):
   configs = [tiny_config(seed=s, lr_multiplier=m, num_devices=1, **{
       "curvature.enabled": True, "curvature.every_steps": 8, "curvature.density": False,
       "budget.length": 16.0}) for s, m in ((0, 1.0), (1, 2.0))]
-  summaries = vectorized.run(configs, [str(tmp_path / f"v{i}") for i in range(2)])
+  summaries = train.run_group(configs, [str(tmp_path / f"v{i}") for i in range(2)])
   for i, c in enumerate(configs):
     solo = train.run(c, str(tmp_path / f"s{i}"))
     assert summaries[i]["curvature"]["curvature/hessian_trace_probes"] >= 20
