@@ -31,7 +31,7 @@ come from the same squared norms, so they are correlated: weakly or strongly, by
 The ratio has a bias of order 1/D, small next to that SE for the D used here.
 
 The loss closure `loss_fn(params, idx_b, key) -> mean loss over examples idx_b` is the caller's:
-scaling/measure_checkpoint.py builds it from a trial (`trial_loss`) in training mode, so a
+scaling/measure_checkpoint.py builds it from a trial (its `trial_loss`) in training mode, so a
 BatchNorm model normalises each group with its own statistics, as the train step does. Then a group
 gradient is not a mean of independent per-example gradients and the equation above holds only
 approximately; the numbers are still what the training EMA estimates, at one point.
@@ -43,8 +43,6 @@ Public API
   summarize(small_D, big_D, b_small, b_big) -> FrozenNoiseScale       numpy, host
   frozen_noise_scale(loss_fn, params, key, *, num_examples, b_small, b_big, num_draws,
                      chunk=10, unroll=False) -> FrozenNoiseScale
-  trial_loss(config, model, splits, mesh) -> loss_fn                   a trial's training loss
-  measure_trial(config, model, splits, state, *, num_draws, groups=0) -> {'noise/frozen_...': ...}
 """
 import functools
 from typing import NamedTuple
@@ -54,14 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scaling import models, noise_scale, sharding
-from scaling import step as steplib
-from scaling.config import ConfigError
+from scaling import noise_scale
 
 # fold_in stream ids of a draw's key: the examples, and each group's augmentation.
 _INDICES, _AUGMENT = 0, 1
-# The frozen noise scale's stream of a trial's seed (fold_in, never seed arithmetic).
-NOISE_STREAM = 4_000_037
 
 
 class FrozenNoiseScale(NamedTuple):
@@ -156,50 +150,3 @@ def frozen_noise_scale(loss_fn, params, key, *, num_examples: int, b_small: int,
   small_D = np.concatenate([np.asarray(jax.device_get(o[0])) for o in outs])[:num_draws]
   big_D = np.concatenate([np.asarray(jax.device_get(o[1])) for o in outs])[:num_draws]
   return summarize(small_D, big_D, b_small, b_big)
-
-
-def trial_loss(config, model, splits, mesh):
-  """A trial's training loss as the train step computes it, over examples idx_b of the training
-  set: the gathered, scaled (and, as configured, augmented) images; BatchNorm in training mode
-  with the group's own statistics (the running statistics are neither read nor updated), so the
-  result depends on the parameters alone. The training data go onto `mesh`, replicated."""
-  if splits.train_text is not None or splits.train_source:
-    raise ConfigError("the frozen noise scale reads device-resident image data: text and"
-                      " dataset.placement='host' are not supported")
-  images_NxX, labels_N = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
-  crop, flip = config.augment.crop_padding, config.augment.flip
-
-  def loss_fn(params, idx_b, key):
-    images = images_NxX[idx_b].astype(jnp.float32) * splits.pixel_scale
-    if crop or flip:
-      images = steplib.augment_images(key, images, crop_padding=crop, flip=flip)
-    # No batch_stats passed: training-mode BatchNorm reads none (a state's running statistics
-    # cannot enter), and mutable=... lets flax create the collection it would update.
-    logits, _ = model.apply({"params": params}, images, train=True, mutable=["batch_stats"])
-    return steplib.cross_entropy_B(logits, labels_N[idx_b]).mean()
-
-  return loss_fn
-
-
-def measure_trial(config, model, splits, state, *, num_draws: int, groups: int = 0,
-                  trial_devices: int = 1, chunk: int = 10) -> dict:
-  """{'noise/frozen_*': ...} at a trial's state: big batches of the trial's batch size cut into
-  `groups` groups (0: the trial's G on `trial_devices` devices, from its microbatching, so that a
-  BatchNorm model normalises over the trial's microbatch; at least 2), sampled as in the module
-  docstring, on one device (the draws are small; replicated over a mesh they would run on every
-  device). The key is the trial seed's NOISE_STREAM, not folded with the step: checkpoints of one
-  trial are measured on the same examples (common random numbers)."""
-  b_big = config.batch_size
-  groups = groups or max(2, steplib.plan_microbatches(
-      b_big, config.grad_groups, config.accumulation_steps, trial_devices).groups)
-  if b_big % groups:
-    raise ConfigError(f"--noise_groups={groups} does not divide batch_size={b_big}")
-  b_small = b_big // groups
-  models.check_microbatch(config.model, b_small)
-  mesh = sharding.make_mesh(1)
-  params = sharding.put_replicated(sharding.to_host(state.params), mesh)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), NOISE_STREAM)
-  result = frozen_noise_scale(trial_loss(config, model, splits, mesh), params, key,
-                              num_examples=splits.num_train, b_small=b_small, b_big=b_big,
-                              num_draws=num_draws, chunk=chunk, unroll=config.curvature.unroll)
-  return {f"noise/frozen_{name}": value for name, value in result._asdict().items()}

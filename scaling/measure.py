@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaling import curvature, sharding
-from scaling.step import cross_entropy_B, mask_like
+from scaling.models import cross_entropy_B, mask_like
 
 
 def _subset(splits, size: int, mesh):

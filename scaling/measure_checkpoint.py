@@ -13,13 +13,67 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from scaling import checkpoint, frozen_noise, measure, results, sharding, train
+from scaling import checkpoint, frozen_noise, measure, models, results, sharding, train
+from scaling import step as steplib
 from scaling.config import ConfigError, parse_tool_flags
 from scaling.metrics import write_json
+
+
+# The frozen noise scale's stream of a trial's seed (fold_in, never seed arithmetic).
+NOISE_STREAM = 4_000_037
+
+
+def trial_loss(config, model, splits, mesh):
+  """A trial's training loss as the train step computes it, over examples idx_b of the training
+  set: the gathered, scaled (and, as configured, augmented) images; BatchNorm in training mode
+  with the group's own statistics (the running statistics are neither read nor updated), so the
+  result depends on the parameters alone. The training data go onto `mesh`, replicated."""
+  if splits.train_text is not None or splits.train_source:
+    raise ConfigError("the frozen noise scale reads device-resident image data: text and"
+                      " dataset.placement='host' are not supported")
+  images_NxX, labels_N = sharding.put_replicated((splits.train_images, splits.train_labels), mesh)
+  crop, flip = config.augment.crop_padding, config.augment.flip
+
+  def loss_fn(params, idx_b, key):
+    images = images_NxX[idx_b].astype(jnp.float32) * splits.pixel_scale
+    if crop or flip:
+      images = steplib.augment_images(key, images, crop_padding=crop, flip=flip)
+    # No batch_stats passed: training-mode BatchNorm reads none (a state's running statistics
+    # cannot enter), and mutable=... lets flax create the collection it would update.
+    logits, _ = model.apply({"params": params}, images, train=True, mutable=["batch_stats"])
+    return steplib.cross_entropy_B(logits, labels_N[idx_b]).mean()
+
+  return loss_fn
+
+
+def measure_trial(config, model, splits, state, *, num_draws: int, groups: int = 0,
+                  trial_devices: int = 1, chunk: int = 10) -> dict:
+  """{'noise/frozen_*': ...} at a trial's state: big batches of the trial's batch size cut into
+  `groups` groups (0: the trial's G on `trial_devices` devices, from its microbatching, so that a
+  BatchNorm model normalises over the trial's microbatch; at least 2), sampled as in the module
+  docstring, on one device (the draws are small; replicated over a mesh they would run on every
+  device). The key is the trial seed's NOISE_STREAM, not folded with the step: checkpoints of one
+  trial are measured on the same examples (common random numbers)."""
+  b_big = config.batch_size
+  groups = groups or max(2, steplib.plan_microbatches(
+      b_big, config.grad_groups, config.accumulation_steps, trial_devices).groups)
+  if b_big % groups:
+    raise ConfigError(f"--noise_groups={groups} does not divide batch_size={b_big}")
+  b_small = b_big // groups
+  models.check_microbatch(config.model, b_small)
+  mesh = sharding.make_mesh(1)
+  params = sharding.put_replicated(sharding.to_host(state.params), mesh)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), NOISE_STREAM)
+  result = frozen_noise.frozen_noise_scale(trial_loss(config, model, splits, mesh), params, key,
+                              num_examples=splits.num_train, b_small=b_small, b_big=b_big,
+                              num_draws=num_draws, chunk=chunk, unroll=config.curvature.unroll)
+  return {f"noise/frozen_{name}": value for name, value in result._asdict().items()}
 
 
 def parse_step(step: str) -> int | None:
@@ -90,7 +144,7 @@ def measure_noise(workdir: str, config, model, splits, step: int, state, num_dra
     raise ConfigError(f"--noise_draws={num_draws}: give at least 2 draws (0 = no noise scale)")
   if groups < 0:
     raise ConfigError(f"--noise_groups={groups} must be >= 0 (0 = the trial's groups)")
-  noise = frozen_noise.measure_trial(config, model, splits, state, num_draws=num_draws,
+  noise = measure_trial(config, model, splits, state, num_draws=num_draws,
                                      groups=groups or max(2, trial_groups(workdir)))
   out = os.path.join(workdir, f"noise_{step}.json")
   write_json(out, {"step": step, **noise})

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from scaling import noise_scale, sharding
+from scaling.models import cross_entropy_B, mask_like
 from scaling.config import ConfigError
 
 
@@ -71,10 +72,6 @@ def init_state(model, optimizer, rng, image_shape) -> TrainState:
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
-
-
-def cross_entropy_B(logits_BxC, labels_B):
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +234,6 @@ def train_step(state: TrainState, images_BxX, labels_B, augment_key=None, peak_l
 
 def param_norm(params):
   return jnp.sqrt(noise_scale.sq_norm(params))
-
-
-def mask_like(mask_E, labels_ExS):
-  """An [E] example mask broadcast over the labels' trailing axes (a sequence model's [E, T])."""
-  return jnp.broadcast_to(mask_E.reshape(mask_E.shape + (1,) * (labels_ExS.ndim - 1)),
-                          labels_ExS.shape)
 
 
 def eval_sums(params, batch_stats, images_ExX, labels_E, mask_E, *, apply_fn, pixel_scale):

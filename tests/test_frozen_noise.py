@@ -127,7 +127,7 @@ def test_the_estimate_depends_on_the_parameters_alone(trial):
   assert differs(trained.batch_stats, other_history.batch_stats)
   assert differs(trained.opt_state, other_history.opt_state)
 
-  measure = lambda state: fn.measure_trial(config, model, splits, state, num_draws=8, groups=2)
+  measure = lambda state: measure_checkpoint.measure_trial(config, model, splits, state, num_draws=8, groups=2)
   at_checkpoint = measure(trained)
   assert measure(other_history) == at_checkpoint
   assert measure(fresh) != at_checkpoint

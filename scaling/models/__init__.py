@@ -5,6 +5,8 @@ statistics stay plain pytrees that jit, grad, vmap and the curvature code can ta
 """
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import optax
 
 from scaling.config import ConfigError
 from scaling.models.cnn import SimpleCNN
@@ -59,3 +61,14 @@ def context_length(model_config) -> int:
 
 def parameter_count(params) -> int:
   return int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+def cross_entropy_B(logits_BxC, labels_B):
+  """The loss of every model here: softmax cross-entropy per example (per token)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+
+
+def mask_like(mask_E, labels_ExS):
+  """An [E] example mask broadcast over the labels' trailing axes (a sequence model's [E, T])."""
+  return jnp.broadcast_to(mask_E.reshape(mask_E.shape + (1,) * (labels_ExS.ndim - 1)),
+                          labels_ExS.shape)
