@@ -20,7 +20,8 @@ import jax
 import ml_collections
 import optax
 
-from scaling import checkpoint, models, record, sharding, step as steplib
+from scaling import models, sharding
+from scaling.training import checkpoint, record, step as steplib
 
 
 def directory_mb(path: str) -> float:

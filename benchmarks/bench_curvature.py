@@ -7,7 +7,7 @@ Random 28x28 inputs (timing only). Every function is compiled ahead (.lower().co
 compile time printed), then each ratio is the median over rounds of (metric time / median of 3
 gradient times right before it), so load from other processes mostly cancels
 (curvature.relative_cost). On CPU the CNN runs the loops unrolled: see "XLA:CPU and
-convolutions" in scaling/curvature.py; --rolled_probe_cnn times one probe inside lax.map to show
+convolutions" in scaling/measurement/curvature.py; --rolled_probe_cnn times one probe inside lax.map to show
 why (~77 gradients, about 20 minutes at batch 1024 on 2 cores).
 """
 import argparse
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import curvature as cv
-from scaling import noise_scale as ns
+from scaling.measurement import curvature as cv
+from scaling.measurement import noise_scale as ns
 from scaling.models import MLP, SimpleCNN, parameter_count
 
 

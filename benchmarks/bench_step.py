@@ -9,7 +9,7 @@ Random 28x28x1 inputs (timing only), plain SGD, one device. Prints ratios, asser
      unrolled Python loop, as a ratio to the plain full-batch gradient (and the forward pass
      alone, for scale). Stacked [G, ...] gradients are averaged two ways: `g.mean(0)`, and a sum
      of the G slices, since XLA:CPU can be far slower at the first.
-  3. scaling.step.train_step (shard_map, 1-device mesh) with grad_groups=G vs grad_groups=1: the
+  3. scaling.training.step.train_step (shard_map, 1-device mesh) with grad_groups=G vs grad_groups=1: the
      cost of the per-group gradients that give the gradient noise scale for free.
 Each time is the median over --repeats of the mean over several calls, after compiling ahead of
 time (compile times are printed separately); calls over 5 s are timed once. On a shared CPU the
@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scaling import noise_scale, sharding, step as steplib
+from scaling import sharding
+from scaling.measurement import noise_scale
 from scaling.models import MLP, SimpleCNN, parameter_count
+from scaling.training import step as steplib
 
 
 def compile_(fn, *args, **jit_kwargs):

@@ -8,7 +8,7 @@
 For each model (the MLP 784-512-512-10 and Shallue's CNN, from scaling.models) and batch size B it
 trains, in one process, one after the other, with momentum SGD (lr 0.01, momentum 0.9; constant LR
 for the hand-written loops; the framework's warmup is off and its LR rule 'none'):
-  F   a real trial: `scaling.train.run(config, workdir)` on configs/mnist.py with grad_groups=1,
+  F   a real trial: `scaling.training.train.run(config, workdir)` on configs/mnist.py with grad_groups=1,
       curvature off, no periodic checkpoints, an evaluation (valid 5k, test 10k, train_eval 5k)
       after every segment. Steady-state examples/s is the median of the `examples_per_sec` that
       metrics.jsonl logs per segment, without the first segment (it includes compilation). Also
@@ -27,7 +27,7 @@ of steps (about --segment_examples examples, a multiple of chunk_steps), synchro
 each, and reports the median examples/s of all but the first.
 
 The data are random uint8 images of MNIST's shape with random labels (timing only: the losses mean
-nothing), injected into the framework trial by replacing `scaling.train.load_data` in this process.
+nothing), injected into the framework trial by replacing `scaling.training.train.load_data` in this process.
 The persistent compilation cache (set by scaling.main) is not used here: compile times are real.
 At the largest batch size of each model it also reports the FLOPs of one training step from XLA's
 cost analysis of J's step as lowered (F adds only scalar metrics; see `step_flops` for why not the
@@ -70,7 +70,8 @@ from host_steal import STEAL_LIMIT, cpu_ticks, steal_share  # noqa: E402
 
 try:   # The framework trial needs the whole stack (TFDS, tensorboardX, ...); J and T do not.
   from configs import mnist as mnist_config
-  from scaling import data as data_lib, train as train_lib
+  from scaling import data as data_lib
+  from scaling.training import train as train_lib
   FRAMEWORK_ERROR = None
 except ImportError as error:
   FRAMEWORK_ERROR = f"{type(error).__name__}: {error}"
@@ -135,7 +136,7 @@ def framework_config(model_name, batch_size, steps, args):
 
 @contextlib.contextmanager
 def injected_data(splits):
-  """`scaling.train.run` loads its data through `train.load_data`: hand it `splits` instead."""
+  """`scaling.training.train.run` loads its data through `train.load_data`: hand it `splits` instead."""
   original = train_lib.load_data
   train_lib.load_data = lambda dataset: splits
   try:

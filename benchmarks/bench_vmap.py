@@ -9,9 +9,9 @@ that batch size: 4 in configs/mnist_sweep_tiny.py, 6 in configs/mnist_sweep.py),
 to `--steps` steps (stop at target off, so every trial runs the same steps; curvature off; one
 checkpoint at the end; evaluations every `--steps / 3` steps:
 two steady-state segments after the compiling one) and trains them twice in one process:
-  S: sequentially, `scaling.train.run` per trial (they share one compiled chunk: the peak LR and
+  S: sequentially, `scaling.training.train.run` per trial (they share one compiled chunk: the peak LR and
      the keys are runtime inputs), and
-  V: `scaling.train.run_group` on all of them (one vmapped chunk program).
+  V: `scaling.training.train.run_group` on all of them (one vmapped chunk program).
 Both use a fresh persistent compilation cache, as scaling.main does. Whole-trial rates count everything a sweep pays (state init, compilation, evaluations, checkpoints,
 files): trials/hour = trials / wall seconds x 3600. The steady-state rate (compiling segments left
 out) is the group's examples per second of training: for S, whose trials ran one after another,
@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)   # this checkout's scaling/ and configs/, whatever is 
 import jax  # noqa: E402
 
 from scaling import config as config_lib  # noqa: E402
-from scaling import sweep, train, vectorized  # noqa: E402
+from scaling import sweep
+from scaling.training import train, vectorized  # noqa: E402
 
 SWEEPS = {"tiny": os.path.join(ROOT, "configs/mnist_sweep_tiny.py"),
           "default": os.path.join(ROOT, "configs/mnist_sweep.py")}

@@ -6,7 +6,7 @@
 # Writes throughput_gpu.json and throughput_gpu.txt to $OUT if it is set, else to benchmarks/.
 # The machine is expected to have Python 3.12, a CUDA build of jax with flax, optax,
 # orbax-checkpoint, numpy, absl-py, etils, protobuf and (optional) torch, and no internet. What
-# `import scaling.train` needs beyond that comes as wheels in .whl/ (not committed), fetched on a
+# `import scaling.training.train` needs beyond that comes as wheels in .whl/ (not committed), fetched on a
 # machine with PyPI by:
 #   for w in ml_collections==1.1.0 tensorboardX==2.6.5 tensorflow-datasets==4.9.10 \
 #            tensorflow-metadata==1.21.0 toml==0.10.2 wrapt==2.1.2 immutabledict==4.3.1 \

@@ -67,7 +67,7 @@ def get_config():
   c.chunk_steps = 4           # training steps per dispatch (one lax.scan)
   c.chunk_unroll = True       # unroll it: XLA:CPU runs convolutions in loops ~10x slower
   # Sweeps: train up to this many trials that differ only in seed, base_lr or lr_multiplier in
-  # one vmapped program (scaling/vectorized.py); each still writes its own directory. 0 or 1: off.
+  # one vmapped program (scaling/training/vectorized.py); each still writes its own directory. 0 or 1: off.
   c.vectorize_trials = 0
 
   c.noise_scale = ml_collections.ConfigDict(dict(ema_decay=0.99))

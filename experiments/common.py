@@ -18,8 +18,10 @@ import types
 from absl import app, flags, logging
 import ml_collections
 
-from scaling import metrics, report, results, sweep
+from scaling import sweep
+from scaling.analysis import report, results
 from scaling.config import ConfigError, check_workdir
+from scaling.training import metrics
 
 SCALES = ("smoke", "here", "paper")
 CONFIRMED, NOT_CONFIRMED, INCONCLUSIVE = "CONFIRMED", "NOT CONFIRMED", "INCONCLUSIVE"

@@ -16,7 +16,7 @@ as the paper's. Paper (Table 1, ResNet-44 on CIFAR-10, SB 128 vs LB 4096): 7.81 
 8.26 % with LB + sqrt LR + GBN + RA. Figure 2: ||w_t - w_0|| grows like log t.
 
 Ghost BN on the BN MLP of `here`: its BN statistics are per gradient group (grad_groups groups of
-B / grad_groups examples, scaling/step.py), so ghost batches of g examples are grad_groups = B / g.
+B / grad_groups examples, scaling/training/step.py), so ghost batches of g examples are grad_groups = B / g.
 """
 
 import ml_collections

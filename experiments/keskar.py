@@ -25,7 +25,9 @@ import numpy as np
 
 from configs import mnist
 from experiments import common
-from scaling import measure, measure_checkpoint, metrics, sweep
+from scaling import measure_checkpoint, sweep
+from scaling.measurement import measure
+from scaling.training import metrics
 
 SMALL_BATCH = 256
 TRAIN_TARGET = 0.005          # train_eval/error below 0.5%: "trained to near 100% accuracy"

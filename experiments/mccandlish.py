@@ -7,8 +7,8 @@ No second sweep: it reads experiments/shallue.py's sweeps in --shallue_workdir (
 <workdir>/shallue), running or resuming its momentum part where absent (finished trials are
 skipped), and uses every part found there (plain SGD too, after `shallue --part=sgd`). Every trial there
 measures B_simple = tr(Sigma)/|G|^2 during training (G = 2 gradient groups per step, an EMA over
-~1/(1 - ema_decay) steps, scaling/noise_scale.py); B_crit is fitted from the best steps per batch
-size (scaling/study.py). Claims, per optimizer group:
+~1/(1 - ema_decay) steps, scaling/measurement/noise_scale.py); B_crit is fitted from the best steps per batch
+size (scaling/analysis/study.py). Claims, per optimizer group:
 1. B_crit is of the order of B_simple at the target loss (`crit_vs_simple`);
 2. B_simple grows as the loss falls during training (`grows_as_loss_falls`);
 3. the measured points lie on (S/S_min - 1)(E/E_min - 1) = 1 (`hyperbola`).

@@ -6,7 +6,7 @@
 The protocol is theirs (and the default study's, configs/mnist_sweep.py): at every batch size a
 learning-rate grid around a per-batch-size centre, each trial stopping at the target validation
 error with a step cap, steps to target interpolated, the best point per batch size, the fit
-S = S_min (1 + B_crit / B) with a bootstrap interval (scaling/study.py). Momentum SGD and plain SGD
+S = S_min (1 + B_crit / B) with a bootstrap interval (scaling/analysis/study.py). Momentum SGD and plain SGD
 are two sub-sweeps (<workdir>/<data set>/momentum and .../sgd); the verdicts use every part found.
 
 Claims and the rules that decide them (functions below, tested on exact synthetic curves):
@@ -29,7 +29,7 @@ import numpy as np
 
 from configs import mnist_sweep, mnist_sweep_tiny
 from experiments import common
-from scaling import results, study
+from scaling.analysis import results, study
 
 # Plain SGD's LR centre = this x momentum's: momentum 0.9 moves ~1/(1 - 0.9) = 10x as far per unit
 # LR (Shallue's "effective learning rate"); a pilot at 10x reached the target at B = 32 but not

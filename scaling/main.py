@@ -69,7 +69,7 @@ def initialize_distributed(coordinator, num_processes, process_id) -> None:
   """jax.distributed.initialize(), with what it raises on a machine where it detects no cluster
   (no coordinator given, outside Slurm, TPU pods or MPI) as one line."""
   import jax
-  from scaling import launch
+  from scaling.cluster import launch
   check_distributed_flags(coordinator, num_processes, process_id)
   if not coordinator:   # detected from Slurm: its tasks must be the processes, else
     launch.check_slurm_processes(os.environ, num_processes)   # initialize() waits
@@ -105,7 +105,8 @@ def main(argv):
       import jax
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from scaling import metrics, sweep
+    from scaling import sweep
+    from scaling.training import metrics
     if _PLAN_MEMORY.value:
       print("\n".join(sweep.plan_memory(_CONFIG.value, int(_MEMORY_LIMIT.value * 2**20) or None)))
       return

@@ -13,20 +13,19 @@ import json
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from scaling import checkpoint, frozen_noise, measure, models, results, sharding, train
-from scaling import step as steplib
+from scaling import models, sharding, streams
+from scaling.analysis import results
 from scaling.config import ConfigError, parse_tool_flags
-from scaling.metrics import write_json
-
-
-# The frozen noise scale's stream of a trial's seed (fold_in, never seed arithmetic).
-NOISE_STREAM = 4_000_037
+from scaling.measurement import frozen_noise, measure
+from scaling.streams import Stream
+from scaling.training import checkpoint, train
+from scaling.training import step as steplib
+from scaling.training.metrics import write_json
 
 
 def trial_loss(config, model, splits, mesh):
@@ -58,7 +57,7 @@ def measure_trial(config, model, splits, state, *, num_draws: int, groups: int =
   `groups` groups (0: the trial's G on `trial_devices` devices, from its microbatching, so that a
   BatchNorm model normalises over the trial's microbatch; at least 2), sampled as in the module
   docstring, on one device (the draws are small; replicated over a mesh they would run on every
-  device). The key is the trial seed's NOISE_STREAM, not folded with the step: checkpoints of one
+  device). The key is the trial seed's FROZEN_NOISE stream, not folded with the step: checkpoints of one
   trial are measured on the same examples (common random numbers)."""
   b_big = config.batch_size
   groups = groups or max(2, steplib.plan_microbatches(
@@ -69,7 +68,7 @@ def measure_trial(config, model, splits, state, *, num_draws: int, groups: int =
   models.check_microbatch(config.model, b_small)
   mesh = sharding.make_mesh(1)
   params = sharding.put_replicated(sharding.to_host(state.params), mesh)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), NOISE_STREAM)
+  key = streams.key(config.seed, Stream.FROZEN_NOISE)
   result = frozen_noise.frozen_noise_scale(trial_loss(config, model, splits, mesh), params, key,
                               num_examples=splits.num_train, b_small=b_small, b_big=b_big,
                               num_draws=num_draws, chunk=chunk, unroll=config.curvature.unroll)
@@ -137,7 +136,7 @@ def trial_groups(workdir: str) -> int:
 
 def measure_noise(workdir: str, config, model, splits, step: int, state, num_draws: int,
                   groups: int = 0) -> dict:
-  """The noise scale at the checkpoint's parameters (scaling/frozen_noise.py), written to
+  """The noise scale at the checkpoint's parameters (scaling/measurement/frozen_noise.py), written to
   noise_<step>.json: |G|^2, tr(Sigma), B_simple with standard errors over `num_draws` draws of
   the trial's batch size in `groups` groups (0: the trial's own G, at least 2)."""
   if num_draws < 2:

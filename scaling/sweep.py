@@ -33,9 +33,10 @@ import urllib.parse
 
 import jax
 
-from scaling import checkpoint, memory, metrics, progress, schedule, sharding, train, vectorized
+from scaling import sharding
 from scaling.config import ConfigError
-from scaling.metrics import write_json
+from scaling.training import checkpoint, memory, metrics, progress, schedule, train, vectorized
+from scaling.training.metrics import write_json
 
 FINISHED = ("done", "diverged")
 SHORT_NAMES = {"batch_size": "bs"}

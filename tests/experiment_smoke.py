@@ -5,7 +5,7 @@ import json
 import os
 
 from experiments import common
-from scaling import results, sweep_plots, trial_plots
+from scaling.analysis import results, sweep_plots, trial_plots
 
 OUTCOMES = (common.CONFIRMED, common.NOT_CONFIRMED, common.INCONCLUSIVE)
 

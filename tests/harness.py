@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from scaling import checkpoint, loop, main, train  # noqa: E402
+from scaling import main  # noqa: E402
+from scaling.training import checkpoint, loop, train
 
 
 def _parse(value: str) -> tuple[int, signal.Signals]:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from scaling import metrics
+from scaling.training import metrics
 
 
 def files(tmp_path):

@@ -15,8 +15,9 @@ import sys
 import pytest
 
 from configs import mnist, mnist_sweep, mnist_sweep_tiny
-from scaling import data, sweep, train
+from scaling import data, sweep
 from scaling.config import ConfigError, check_fields
+from scaling.training import train
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

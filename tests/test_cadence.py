@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import cadence
+from scaling.training import cadence
 
 CASES = list(itertools.product(range(1, 8), range(1, 30)))   # (every, total_steps)
 

@@ -19,8 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import mnist
-from scaling import checkpoint, sharding, sweep
+from scaling import sharding, sweep
 from scaling.config import ConfigError
+from scaling.training import checkpoint
 from tests import agree
 from tests.tiny import tiny_config
 
@@ -173,15 +174,6 @@ def test_sigterm_right_after_a_checkpoint_exits_143_and_a_rerun_finishes_the_sam
   assert checkpoint_steps(workdir) == [EVERY]
   assert f"from step {EVERY}" in finish(workdir)
   assert_same_run(workdir, reference)
-
-
-def test_sigterm_stops_within_a_chunk_even_when_the_next_evaluation_is_far(tmp_path):
-  """One evaluation at the end of 160 steps: the stop at step 20 must not wait for it."""
-  workdir = str(tmp_path / "trial")
-  preempt(workdir, "SCALING_TEST_SIGNAL", 20,
-          **{"eval_every.length": float(STEPS), "checkpoint.every_steps": 0})
-  records_ = records(workdir)
-  assert [r["step"] for r in records_] == [4, 8, 12, 16, 20]   # train logs only, no evaluation
 
 
 def test_truncated_latest_checkpoint_warns_once_and_resumes_from_the_previous(reference, tmp_path):

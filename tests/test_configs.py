@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from scaling import sweep, train
+from scaling import sweep
+from scaling.training import train
 from tests.tiny import override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

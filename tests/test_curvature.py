@@ -14,8 +14,8 @@ from scipy.stats import chi2
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
-from scaling import curvature as cv
-from scaling import noise_scale as ns
+from scaling.measurement import curvature as cv
+from scaling.measurement import noise_scale as ns
 
 NUM_EXAMPLES = 256
 
@@ -351,10 +351,10 @@ def test_sharded_batch_matches_one_device(problem):
 
 
 def test_report_flags_unconverged_eigenvalues():
-  """scaling/report.py notes each measurement with an eigenvalue whose residual exceeds 1% of it
+  """scaling/analysis/report.py notes each measurement with an eigenvalue whose residual exceeds 1% of it
   (and not those within it, nor older records without residuals)."""
   from types import SimpleNamespace
-  from scaling import report
+  from scaling.analysis import report
   record = lambda step, residuals: {
       "step": step, "curvature/eigenvalues": [2.0, -1.0],
       **{f"curvature/eig_residual_{i}": r for i, r in enumerate(residuals)}}

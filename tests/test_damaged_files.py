@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from scaling import report, results
+from scaling.analysis import report, results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST, SECOND = "bs=16,lr_multiplier=2,seed=0", "bs=32,lr_multiplier=2,seed=0"

@@ -3,7 +3,8 @@ end to end (sweeps, reports, one verdict per claim, verdicts.json)."""
 import pytest
 
 from experiments import goyal
-from scaling import schedule, sweep
+from scaling import sweep
+from scaling.training import schedule
 from tests.experiment_smoke import run_smoke
 
 

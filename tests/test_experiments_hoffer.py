@@ -5,7 +5,8 @@ import math
 import pytest
 
 from experiments import hoffer
-from scaling import schedule, step, sweep
+from scaling import sweep
+from scaling.training import schedule, step
 from tests.experiment_smoke import run_smoke
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from configs import mnist_sweep
 from experiments import common, shallue
-from scaling import study
+from scaling.analysis import study
 from tests.experiment_smoke import run_smoke
 
 

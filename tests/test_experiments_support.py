@@ -9,8 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from scaling import measure, measure_checkpoint, train
+from scaling import measure_checkpoint, streams
 from scaling.config import ConfigError, check_fields
+from scaling.measurement import measure
+from scaling.streams import Stream
+from scaling.training import train
 from tests.tiny import tiny_config
 
 
@@ -27,7 +30,7 @@ def test_logged_distance_from_init_is_the_checkpoints_and_lbfgsb_uses_the_subset
   _, model, splits, mesh, step, state = measure_checkpoint.restore(str(tmp_path))
   _, init = train.abstract_train_state(config, model, train.build(config, splits, mesh)[3],
                                        splits, mesh)
-  init_params = init(jax.random.PRNGKey(config.seed)).params
+  init_params = init(streams.key(config.seed, Stream.INIT)).params
   flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
   expected = np.linalg.norm(flat(state.params) - flat(init_params))
   assert step == 8 and expected > 0

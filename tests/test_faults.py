@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scaling import checkpoint, metrics, sweep, train
+from scaling import sweep
 from scaling.config import ConfigError
+from scaling.training import checkpoint, metrics, train
 from tests.test_checkpoint import abstract_state, cli_flags, small_state
 from tests.tiny import read_records, tiny_config
 
@@ -314,7 +315,7 @@ def test_a_full_disk_during_metrics_writes_is_one_line_not_a_hang(tmp_path):
 FALLBACK_SCRIPT = """
 import os, shutil, sys
 from tests.test_checkpoint import abstract_state, small_state
-from scaling import checkpoint
+from scaling.training import checkpoint
 root = sys.argv[1]
 for attempt in range(5):   # TensorStore's late callbacks print only now and then
   directory = os.path.join(root, str(attempt))

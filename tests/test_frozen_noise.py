@@ -1,4 +1,4 @@
-"""The noise scale at frozen parameters (scaling/frozen_noise.py): against the exact |G|^2 and
+"""The noise scale at frozen parameters (scaling/measurement/frozen_noise.py): against the exact |G|^2 and
 tr(Sigma) of a small population from its per-example gradients, standard errors that match the
 spread of repeated estimates, no dependence on the history before the checkpoint, and the offline
 tool (`python -m scaling.measure_checkpoint --noise_draws=K`) on a trained tiny trial."""
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from scaling import frozen_noise as fn
-from scaling import measure_checkpoint, step as steplib, train
+from scaling import measure_checkpoint
+from scaling.measurement import frozen_noise as fn
+from scaling.training import step as steplib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EXAMPLES, DIM, HIDDEN, CLASSES = 256, 10, 16, 4

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from scaling import chunk, data, loop, sharding, train
+from scaling import data, sharding
 from scaling.config import ConfigError, check_fields
 from scaling.data import host
+from scaling.training import chunk, loop, train
 from tests.tiny import read_records, tiny_config
 
 # mnist_tiny: 412 train examples at batch 32 = 12 steps per epoch; 16 steps cross into epoch 1,

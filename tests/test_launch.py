@@ -3,7 +3,6 @@ runs them against a real one)."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -11,8 +10,9 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import checkpoint, launch, loop, sbatch, status, train
+from scaling.cluster import launch, sbatch, status
 from scaling.config import ConfigError
+from scaling.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "mnist_sweep_tiny.py")
@@ -260,7 +260,7 @@ def test_status_cli_reads_only_the_workdir_and_imports_no_jax(tmp_path):
   before = {p: os.stat(p).st_mtime_ns for p in map(str, tmp_path.rglob("*"))}
   code = ("import runpy, sys\n"
           f"sys.argv = ['status', '--workdir={tmp_path}']\n"
-          "try:\n  runpy.run_module('scaling.status', run_name='__main__')\n"
+          "try:\n  runpy.run_module('scaling.cluster.status', run_name='__main__')\n"
           "finally:\n  print('jax imported' if 'jax' in sys.modules else 'no jax')\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
@@ -279,31 +279,6 @@ def test_status_of_a_single_run_and_of_an_empty_workdir(tmp_path):
   (row,) = status.sweep_status(str(tmp_path))
   assert (row.index, row.id, row.status, row.step, row.total_steps) == (None, "trial", "preempted",
                                                                        8, 24)
-
-
-def test_sigterm_in_the_segment_of_a_checkpoint_preempts_at_it(tmp_path, monkeypatch):
-  """What `scancel --signal=TERM` right after a checkpoint hit in tests/test_slurm.py: the trial
-  used to save the same step a second time and crash (Orbax StepAlreadyExistsError) instead of
-  stopping as preempted."""
-  from tests.tiny import tiny_config
-  from scaling import checkpoint
-  save = checkpoint.Checkpoints.save
-
-  def save_then_sigterm(self, step, state, bookkeeping):
-    save(self, step, state, bookkeeping)
-    if step == 8:   # the signal lands after the regular checkpoint, before the loop checks it
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_sigterm)
-  config = tiny_config()
-  with pytest.raises(loop.Preempted) as stopped:
-    train.run(config, str(tmp_path))
-  assert stopped.value.code == 128 + signal.SIGTERM
-  with open(tmp_path / "summary.json") as f:
-    assert json.load(f)["status"] == "preempted"
-  monkeypatch.undo()
-  summary = train.run(config, str(tmp_path))
-  assert (summary["status"], summary["step"]) == ("done", 24)
 
 
 def test_misspelt_cluster_field_is_one_line(tmp_path):

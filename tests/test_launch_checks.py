@@ -11,8 +11,9 @@ import ml_collections
 import pytest
 
 from configs import mnist_sweep_tiny
-from scaling import launch, sbatch, train
+from scaling.cluster import launch, sbatch
 from scaling.config import ConfigError
+from scaling.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "mnist_sweep_tiny.py")

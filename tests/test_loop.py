@@ -1,4 +1,4 @@
-"""The training loop (scaling/loop.py) driven by a NumPy chunk: no model is compiled, so each test
+"""The training loop (scaling/training/loop.py) driven by a NumPy chunk: no model is compiled, so each test
 runs in about a second, while the records, summaries and Orbax checkpoints are the real ones.
 
 The fake chunk follows the loop's chunk protocol (chunk.Solo, vectorized.Vmapped): member i's
@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scaling import cadence, checkpoint, loop, metrics, resources
-from scaling import record as record_lib
+from scaling.training import cadence, checkpoint, loop, metrics, resources
+from scaling.training import record as record_lib
 
 TOTAL, EVAL_EVERY, LOG_EVERY, CHUNK = 20, 6, 4, 5
 
@@ -268,3 +268,39 @@ def test_the_group_shares_its_cost_among_the_members_that_trained(tmp_path):
   assert [r["train_steps"] for r in own] == [TOTAL - EVAL_EVERY, 0]
   assert own[0]["compile_seconds"] == own[1]["compile_seconds"] > 0
   assert own[1]["train_seconds"] == 0 < own[0]["train_seconds"]
+
+
+def test_a_stop_does_not_wait_for_a_far_evaluation(tmp_path):
+  """One evaluation, at the end: a SIGTERM during the chunk ending at step 8 stops the trial at 8
+  (within about two chunks), not at the evaluation."""
+  group, _ = members(tmp_path, 1, eval_every_steps=TOTAL, checkpoint_every_steps=0)
+  fake = FakeChunk(lambda i, s: 1.0, 1, signal_at=8)
+  with pytest.raises(loop.Preempted):
+    loop.train_loop(group, initial(1), 0, fake, evaluate=valid_error(None))
+  close(group)
+  assert max(start + n for start, n, *_ in fake.calls) == 8
+  records, summary = read(group[0].spec.workdir)
+  assert [r["step"] for r in records] == [4, 8]   # train records only: no evaluation ran
+  assert summary["status"] == "preempted" and group[0].ckpts.steps() == [8]
+
+
+def test_a_stop_right_after_a_checkpoint_does_not_save_that_step_again(tmp_path):
+  """The SIGTERM lands while the regular checkpoint of step 6 is saved, before the loop polls:
+  the trial stops as preempted at 6 with that checkpoint (saving step 6 again used to crash with
+  Orbax's StepAlreadyExistsError), and a rerun from it finishes."""
+  group, config = members(tmp_path, 1)
+  save = group[0].ckpts.save
+
+  def save_then_sigterm(step, state, record):
+    save(step, state, record)
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+  group[0].ckpts.save = save_then_sigterm
+  with pytest.raises(loop.Preempted) as stopped:
+    loop.train_loop(group, initial(1), 0, FakeChunk(lambda i, s: 1.0, 1),
+                    evaluate=valid_error(None))
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert group[0].ckpts.steps() == [6]
+  close(group)
+  _, summary = read(group[0].spec.workdir)
+  assert (summary["status"], summary["step"]) == ("preempted", 6)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import resnet_mnist
-from scaling import models, train
+from scaling import models
 from scaling.config import ConfigError
 from scaling.models.resnet import GhostBatchNorm
+from scaling.training import train
 
 
 def resnet_config(**fields):

@@ -3,7 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from scaling import checkpoint, noise_scale, results, train
+from scaling import streams
+from scaling.analysis import results
+from scaling.measurement import noise_scale
+from scaling.streams import Stream
+from scaling.training import checkpoint, train
 from tests import tiny
 
 
@@ -20,7 +24,7 @@ def test_distance_from_init_is_zero_at_start_and_matches_the_final_checkpoint(tm
   splits = train.load_data(c)
   plan, model, lr_fn, optimizer = train.build(c, splits, mesh)
   abstract, init = train.abstract_train_state(c, model, optimizer, splits, mesh)
-  init_params = init(jax.random.PRNGKey(c.seed)).params
+  init_params = init(streams.key(c.seed, Stream.INIT)).params
   ckpts = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), 3, asynchronous=False)
   _, state, _ = ckpts.restore_latest(abstract)
   ckpts.close()

@@ -1,10 +1,10 @@
-"""Console progress (scaling/progress.py): the ETA arithmetic with measured evaluation and
+"""Console progress (scaling/training/progress.py): the ETA arithmetic with measured evaluation and
 curvature costs, the sweep's counts and ETA, line-oriented output unless stdout is a terminal."""
 import io
 
 import pytest
 
-from scaling import progress
+from scaling.training import progress
 
 
 class FakeClock:

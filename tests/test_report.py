@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from scaling import report, results, study
+from scaling.analysis import report, results, study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S_MIN, B_CRIT, TARGET, EVAL_EVERY = 1000.0, 512.0, 0.01, 10
@@ -219,7 +219,7 @@ def test_partial_sweep_report(tmp_path):
 
 def test_import_does_not_import_jax():
   subprocess.run([sys.executable, "-c",
-                  "import scaling.report, sys; assert 'jax' not in sys.modules"],
+                  "import scaling.analysis.report, sys; assert 'jax' not in sys.modules"],
                  check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
 
 
@@ -377,7 +377,7 @@ def test_tiny_real_sweep_records_the_protocol_and_plots_it(tmp_path):
 
 @pytest.mark.slow
 def test_curvature_is_measured_when_the_target_is_first_reached(tmp_path):
-  from scaling import train
+  from scaling.training import train
   from tests.tiny import tiny_config
   c = tiny_config(**{"curvature.enabled": True, "curvature.density": False, "num_devices": 1,
                      "target.value": 0.85, "budget.length": 24.0})

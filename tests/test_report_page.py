@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from scaling import findings, report, results, study
+from scaling.analysis import findings, report, results, study
 from tests.test_report import write_trial
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import mnist
-from scaling import schedule
 from scaling.config import ConfigError
+from scaling.training import schedule
 from tests.tiny import override
 
 

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from configs import mnist
-from scaling import chunk, loop, schedule, sharding, step as steplib, train
+from scaling import sharding
+from scaling.training import chunk, loop, schedule, step as steplib, train
 from tests.tiny import read_records, tiny_config
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
@@ -89,7 +90,7 @@ def test_odd_remainders_reuse_the_one_compiled_chunk(tmp_path):
   assert [r["step"] for r in train_records] == [4, 8, 12, 14]
   assert [r["step"] for r in records if "valid/error" in r] == [6, 12, 14]
   assert all("param_norm" in r for r in train_records)
-  from scaling import checkpoint
+  from scaling.training import checkpoint
   _, model, _, optimizer = train.build(config, train.load_data(config),
                                        sharding.make_mesh(1))
   abstract, _ = train.abstract_train_state(config, model, optimizer, train.load_data(config),
@@ -104,7 +105,7 @@ def test_memory_planner_reports_the_compiled_step_analysis():
   """The planner's bytes are XLA's memory analysis of the step compiled on real arrays (here built
   independently: a concrete state and batch), and they grow with the batch."""
   import functools
-  from scaling import memory
+  from scaling.training import memory
   config = tiny_config(**{"num_devices": 1, "grad_groups": 1})
   splits = train.load_data(config)
   mesh = sharding.make_mesh(1)
@@ -145,7 +146,7 @@ def test_a_trial_that_cannot_fit_is_refused_before_training(tmp_path):
 
 def test_largest_power_of_two_skips_batches_the_config_cannot_hold():
   """Batches too small for the config (grad_groups=2 needs 2 examples) are skipped, not a stop."""
-  from scaling import memory
+  from scaling.training import memory
 
   def bytes_of(batch, k):
     if batch < 2:

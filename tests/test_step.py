@@ -8,10 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from scaling import noise_scale, sharding, step as steplib
+from scaling import sharding
 from scaling.config import ConfigError
+from scaling.measurement import noise_scale
 from scaling.models.mlp import MLP
 from scaling.models.resnet import ResNet
+from scaling.training import step as steplib
 
 LR = 0.1
 

@@ -1,4 +1,4 @@
-"""scaling.study's reported interval resamples seeds at fixed batch sizes; S excludes warmup; a
+"""scaling.analysis.study's reported interval resamples seeds at fixed batch sizes; S excludes warmup; a
 tuned LR at the edge of its grid is INCONCLUSIVE in the findings. Synthetic Trial records with
 known steps, no files, no JAX."""
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from scaling import findings, results, study
+from scaling.analysis import findings, results, study
 
 S_MIN, B_CRIT = 1000.0, 512.0
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -16,9 +16,11 @@ import optax
 import pytest
 
 from configs import shakespeare_sweep_tiny
-from scaling import data, measure, models, sharding, step as steplib, train
+from scaling import data, models, sharding
 from scaling.config import ConfigError
 from scaling.data import text
+from scaling.measurement import measure
+from scaling.training import step as steplib, train
 from tests.test_checkpoint import assert_same_run, checkpoint_steps
 from tests.tiny import override, read_records
 

@@ -12,8 +12,9 @@ import jax.flatten_util
 import numpy as np
 import pytest
 
-from scaling import sharding, train, step as steplib
+from scaling import sharding
 from scaling.config import ConfigError
+from scaling.training import train, step as steplib
 from tests import agree
 from tests.tiny import read_records, tiny_config
 
@@ -172,7 +173,8 @@ def test_target_is_recorded_and_can_stop_the_trial(tmp_path):
 
 def test_nan_loss_is_a_diverged_result(tmp_path):
   # Only a non-finite loss counts (the loss-multiple test would stop it before NaN).
-  summary = train.run(tiny_config(base_lr=1e9, **{"divergence.loss_multiple": 0.0}), str(tmp_path))
+  # An update of 1e30 x the gradient overflows float32 parameters: the next loss is NaN.
+  summary = train.run(tiny_config(base_lr=1e30, **{"divergence.loss_multiple": 0.0}), str(tmp_path))
   assert summary["status"] == "diverged" and "train/loss is nan" in summary["diverged_reason"]
   assert summary["diverged_at_step"] is not None and summary["diverged_at_step"] < 24
   assert json.load(open(tmp_path / "summary.json"))["status"] == "diverged"

@@ -1,4 +1,4 @@
-"""Vectorised trials (scaling/vectorized.py): one vmapped program, results of solo runs.
+"""Vectorised trials (scaling/training/vectorized.py): one vmapped program, results of solo runs.
 
 One sweep of three members runs vectorised (module fixture), then its members alone with
 train.run (A in the default run, B and C and a solo resume in the heavy tier): member A (seed 0,
@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scaling import checkpoint, resources, sharding, sweep, train, vectorized
-from scaling import step as steplib
+from scaling import sharding, sweep
 from scaling.config import ConfigError
+from scaling.training import checkpoint, resources, train, vectorized
+from scaling.training import step as steplib
 from tests.tiny import read_records, tiny_config
 
 RTOL, ATOL = 1e-4, 1e-7   # float32 rounding, on every backend: see the module docstring
@@ -47,7 +48,9 @@ def _sweep_config(**overrides):
   # the padded steps (num_active < num_steps) run vmapped too.
   c = tiny_config(**{"num_devices": 2, "grad_groups": 2, "vectorize_trials": 3,
                      "log_every_steps": 3, **overrides})
-  c.target.value, c.target.stop_at_target = 0.33, True
+  # Validation errors (100 examples) at steps 8, 16, 24: A 0.46 0.44 0.37, B 0.43 0.32 0.27, so
+  # A reaches 0.40 at its last evaluation and B stops at 16, each 3 examples clear of it.
+  c.target.value, c.target.stop_at_target = 0.40, True
   c.sweep_zip = ml_collections.ConfigDict(dict(seed=(0, 1, 0), lr_multiplier=(1.0, 2.0, 1000.0)))
   return c
 

@@ -36,7 +36,7 @@ def override(config, **dotted):
 
 
 def read_records(workdir):
-  """metrics.jsonl -> list of dicts. Strict, unlike scaling.results.read_metrics: a torn line
+  """metrics.jsonl -> list of dicts. Strict, unlike scaling.analysis.results.read_metrics: a torn line
   fails the test instead of being skipped."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]

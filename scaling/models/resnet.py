@@ -6,7 +6,7 @@ the second and third stage, a 1x1 projection shortcut where the shape changes, g
 pooling, one dense layer. On 28x28 inputs the stages see 28, 14 and 7 pixels.
 
 BN statistics are those of ghost batches of `ghost_batch_size` examples inside each microbatch the
-step passes in (scaling/step.py), never across devices. Plain BN over each device's batch is
+step passes in (scaling/training/step.py), never across devices. Plain BN over each device's batch is
 ghost_batch_size = batch_size / devices with one microbatch per device (grad_groups <= devices,
 accumulation_steps = 1); ghost_batch_size = 0 is BN over whatever microbatch comes in.
 """

@@ -7,7 +7,7 @@ training alone (evaluation and curvature run between segments and are not timed)
 the device's own `peak_bytes_in_use` where the backend reports memory stats (GPU, TPU), else XLA's
 compiled memory analysis of the chunk (arguments + outputs - aliased + temporaries): what XLA plans
 to hold at once, which the CPU backend does not measure. Everything lands in the trial's
-record (scaling/record.py: `resources`) (checkpointed, so a resume continues the sums).
+record (scaling/training/record.py: `resources`) (checkpointed, so a resume continues the sums).
 
 Compilations are counted from jax.monitoring's events: every XLA compile request of a jitted
 function ends with a backend-compile event, preceded by a cache-hit event when the persistent
@@ -52,7 +52,7 @@ def count_summary(before: collections.Counter, after: collections.Counter) -> di
   """What happened between two compile_counts(): XLA compilations of the train chunk and of all
   functions, and executables loaded from the persistent cache instead."""
   delta = after - before
-  # A vectorised group's chunk (scaling/vectorized.py) is its members' train chunk.
+  # A vectorised group's chunk (scaling/training/vectorized.py) is its members' train chunk.
   return {"train_chunk": delta["train_chunk", "compiled"] + delta["vectorized_chunk", "compiled"],
           "all": sum(n for (_, kind), n in delta.items() if kind == "compiled"),
           "cache_hits": sum(n for (_, kind), n in delta.items() if kind == "cache_hit")}

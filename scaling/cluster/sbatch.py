@@ -1,4 +1,4 @@
-"""A config's `cluster` section -> the sbatch array script of a sweep (scaling/launch.py writes and
+"""A config's `cluster` section -> the sbatch array script of a sweep (scaling/cluster/launch.py writes and
 submits it).
 
 `read_cluster` checks every value that goes into the script: each must stay one value on its line

@@ -71,7 +71,7 @@ class TrialProgress:
                clock=time.perf_counter):
     """target: (metric, value) that stops the trial when stop_at_target: the ETA then runs to
     the step where the metric's recent trend crosses it, where one can be extrapolated.
-    members: the trials of a vectorised group (scaling/loop.py), each evaluated (and measured)
+    members: the trials of a vectorised group (scaling/training/loop.py), each evaluated (and measured)
     at every evaluation step: the line shows their examples/s together."""
     self.batch_size, self.total_steps, self.start_step = batch_size, total_steps, start_step
     self.eval_every, self.curvature_every = eval_every, curvature_every

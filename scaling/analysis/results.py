@@ -1,4 +1,4 @@
-"""Trial results on disk -> `Trial` records: what scaling/train.py writes per trial (config.json,
+"""Trial results on disk -> `Trial` records: what scaling/training/train.py writes per trial (config.json,
 metrics.jsonl, summary.json), read so that partial and still-running sweeps load. No JAX.
 
 A file no run writes is `Damaged`: one line naming it and the fix. config.json and summary.json

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scaling import noise_scale, sharding
-from scaling.models import cross_entropy_B, mask_like
+from scaling import sharding
 from scaling.config import ConfigError
+from scaling.measurement import noise_scale
+from scaling.models import cross_entropy_B, mask_like
 
 
 @flax.struct.dataclass

@@ -40,8 +40,8 @@ py_logging.getLogger("absl").addFilter(_quiet_type_handler_override)
 import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils
 
-from scaling import metrics
 from scaling.config import ConfigError
+from scaling.training import metrics
 
 # The train state is small and replicated. Orbax's default replica-parallel save has every device
 # write a slice of each array, which compiles a slicing op per array and device before the first

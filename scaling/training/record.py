@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from scaling import cadence
-from scaling import resources as resources_lib
-from scaling import noise_scale as noise_scale_lib
+from scaling.measurement import noise_scale as noise_scale_lib
+from scaling.training import cadence
+from scaling.training import resources as resources_lib
 
 
 def target_reached(value: float, target_value: float) -> bool:

@@ -1,5 +1,5 @@
 """PNG figures of trials over training (loss and error curves, curvature, edge of stability), and
-the figure helpers scaling/sweep_plots.py shares. Object-oriented matplotlib on the Agg canvas: no
+the figure helpers scaling/analysis/sweep_plots.py shares. Object-oriented matplotlib on the Agg canvas: no
 pyplot, so writing a report never changes a notebook's backend. Each plot function takes
 (path, trials, best_rows, fits), writes `path` and returns None, or returns why it was skipped.
 """
@@ -8,13 +8,13 @@ from matplotlib import cm, colors, ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scaling import findings
+from scaling.analysis import findings
 
 BATCH_LABEL = "batch size B (examples per step)"
 SGD_FAMILY = ("sgd", "momentum", "nesterov", "heavy_ball")
 
 
-# Figure helpers: used here and by scaling/sweep_plots.py (which imports this module, never
+# Figure helpers: used here and by scaling/analysis/sweep_plots.py (which imports this module, never
 # the other way round).
 def new_figure(w, h):
   fig = Figure(figsize=(w, h), layout="constrained")

@@ -1,5 +1,5 @@
 """Curvature metrics: pure functions over a scalar loss closure (the gradient noise scale
-is in scaling/noise_scale.py).
+is in scaling/measurement/noise_scale.py).
 
 Every curvature function takes `loss_fn(params) -> scalar`, where params is any pytree and the
 closure has the batch and BatchNorm statistics baked in (eval mode). All but two (the host loops

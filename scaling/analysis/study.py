@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from scaling import results
+from scaling.analysis import results
 
 
 # Perfect scaling "holds" at batch size B while the examples to target are within this factor of

@@ -2,9 +2,9 @@
 unbiased |G|^2 and tr(Sigma) estimators, and their bias-corrected EMA (B_simple = tr(Sigma)/|G|^2).
 
 Pure functions of arrays; the training step accumulates the group sums, the loop keeps the EMA on
-the host (scaling/record.py) so that it is checkpointed exactly. The EMA is a trace over
+the host (scaling/training/record.py) so that it is checkpointed exactly. The EMA is a trace over
 training (it lags by ~1/(1 - decay) steps); the noise scale at fixed parameters, from many
-independent draws with standard errors, is scaling/frozen_noise.py's.
+independent draws with standard errors, is scaling/measurement/frozen_noise.py's.
 
 Public API
   group_grad_stats(grads_GxP) -> (mean_grad pytree, g_small_sq, g_big_sq)

@@ -10,7 +10,7 @@ run's arithmetic, up to the order XLA gives the sums of the vmapped shapes (floa
 The training set must live on the devices: the host data path (dataset.placement='host', or
 'auto' with a set too large) reads one order per trial on the host and is refused here.
 
-Everything on the host stays per member, kept by the one training loop (scaling/loop.py) as for a
+Everything on the host stays per member, kept by the one training loop (scaling/training/loop.py) as for a
 trial alone: its directory, config.json, metrics.jsonl, TensorBoard events, Orbax checkpoints (of
 its slice of the state: a solo run resumes them), summary.json. A member that diverges, or
 reaches its target with stop_at_target, is frozen: the chunk masks its update (its slice stops
@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import chunk, sharding
-from scaling import step as steplib
+from scaling import sharding
 from scaling.config import ConfigError
+from scaling.training import chunk
+from scaling.training import step as steplib
 
 # Fields that only set a member's keys (seed) or its peak learning rate: runtime arguments of the
 # vmapped program. Trials differing in anything else compile differently and never share one.
@@ -107,12 +108,12 @@ def check_group(configs: list, splits) -> None:
   """Configs one vmapped program can train together, on device-resident data."""
   if len({group_key(c) for c in configs}) > 1:
     raise ConfigError("vectorised trials must differ only in " + ", ".join(VMAPPED_FIELDS) +
-                      ": group them with scaling.vectorized.groups")
+                      ": group them with scaling.training.vectorized.groups")
   check_device_data(configs[0], splits)
 
 
 class Vmapped:
-  """M members' chunk as the loop calls every chunk (scaling/loop.py): one jitted
+  """M members' chunk as the loop calls every chunk (scaling/training/loop.py): one jitted
   vectorized_chunk over their stacked states and TrialInputs; `member_state` slices one out
   (for its evaluation, curvature and checkpoint)."""
 

@@ -1,7 +1,7 @@
 """The gradient noise scale at frozen parameters (a checkpoint), with standard errors.
 
 McCandlish et al. 2018 (App. A.1) from many independent draws at fixed parameters, instead of the
-training EMA (scaling/noise_scale.py), which averages ~1/(1 - decay) steps of a moving trajectory
+training EMA (scaling/measurement/noise_scale.py), which averages ~1/(1 - decay) steps of a moving trajectory
 and so lags: where the target comes within its window it averages higher-loss gradients.
 
 Sampling. Each draw takes G groups of b examples, all drawn uniformly WITH replacement from the N
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scaling import noise_scale
+from scaling.measurement import noise_scale
 
 # fold_in stream ids of a draw's key: the examples, and each group's augmentation.
 _INDICES, _AUGMENT = 0, 1

@@ -5,14 +5,17 @@ device-resident training set, each batch gathered on the devices from the epoch'
 several seeds), so those trials share one compilation; `CarriedOrder` keeps the epoch's order
 between chunks; `Solo` presents a trial alone to the loop as a group of one. scaling/data/host.py's
 `HostChunk` stands in for the chunk when the training set is read on the host;
-scaling/vectorized.py vmaps it over trials.
+scaling/training/vectorized.py vmaps it over trials.
 """
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import cadence, data, noise_scale, schedule, sharding, step as steplib
+from scaling import data, sharding, streams
+from scaling.measurement import noise_scale
+from scaling.streams import Stream
+from scaling.training import cadence, schedule, step as steplib
 
 
 epoch_order = data.host.epoch_order   # one order for both placements of the training set
@@ -37,8 +40,8 @@ class TrialInputs:
 
   @classmethod
   def of(cls, plan: schedule.Plan, seed: int, init_params) -> "TrialInputs":
-    return cls(peak_lr=jnp.float32(plan.lr), data_key=jax.random.PRNGKey(seed + 1_000_003),
-               augment_key=jax.random.PRNGKey(seed + 2_000_003), init_params=init_params)
+    return cls(peak_lr=jnp.float32(plan.lr), data_key=streams.key(seed, Stream.DATA_ORDER),
+               augment_key=streams.key(seed, Stream.AUGMENT), init_params=init_params)
 
 
 def chunk_end_metrics(params, init_params) -> dict:
@@ -135,7 +138,7 @@ class CarriedOrder:
 
 
 class Solo:
-  """A trial trained alone, as the loop calls every chunk (scaling/loop.py): a group of one.
+  """A trial trained alone, as the loop calls every chunk (scaling/training/loop.py): a group of one.
 
   `fn(state, *args, num_active, num_steps=K)` -> (state, metrics_K, end_metrics) is the device
   path's CarriedOrder chunk (args: the training arrays and the TrialInputs) or data.host.HostChunk

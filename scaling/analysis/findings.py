@@ -2,7 +2,7 @@
 protocol each figure's caption states. No JAX, no plotting.
 
 Every sentence is computed from the loaded trials, the best point per batch size and the
-critical-batch fit (scaling/study.py); where the data cannot support a claim (too few batch sizes,
+critical-batch fit (scaling/analysis/study.py); where the data cannot support a claim (too few batch sizes,
 an unbracketed LR optimum, censored or pending batch sizes, no curvature measured) the sentence
 says so instead of making it.
 """
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from scaling import results, study
+from scaling.analysis import results, study
 
 
 def _b_list(batch_sizes):

@@ -1,6 +1,6 @@
 """PNG figures of a sweep against batch size (steps and examples to target, the critical-batch fit,
 tuned LR, noise scale, cost, final errors and curvature) and PLOTS, the sweep report's list. Shares
-the figure helpers of scaling/trial_plots.py; same conventions (Agg canvas, no pyplot; each plot
+the figure helpers of scaling/analysis/trial_plots.py; same conventions (Agg canvas, no pyplot; each plot
 function takes (path, trials, best_rows, fits), writes `path`, returns None or why it was skipped).
 """
 import numpy as np
@@ -8,7 +8,7 @@ from matplotlib import cm
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from scaling.trial_plots import (BATCH_LABEL, batch_colorbar, colour_by_batch, edge_of_stability,
+from scaling.analysis.trial_plots import (BATCH_LABEL, batch_colorbar, colour_by_batch, edge_of_stability,
                                  log_scales, new_figure, save_figure, thin, training_curves)
 
 

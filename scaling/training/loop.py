@@ -1,8 +1,8 @@
 """The training loop: a group of M >= 1 trials (members) trained by one chunk program. A trial
-trained alone is a group of one (train.run); scaling/vectorized.py's groups vmap the chunk.
+trained alone is a group of one (train.run); scaling/training/vectorized.py's groups vmap the chunk.
 
 Chunks are dispatched up to each evaluation and their metrics fetched in one go; each member's
-record (scaling/record.py) absorbs its metrics, and the member evaluates, measures curvature,
+record (scaling/training/record.py) absorbs its metrics, and the member evaluates, measures curvature,
 checkpoints and writes summary.json at a solo trial's cadence. A member that diverges, or reaches
 its target with stop_at_target, is finished at once: its files are final and the chunk freezes it
 (its `active` flag) while the others train on. SIGTERM/SIGINT stop the group between chunks with
@@ -23,10 +23,11 @@ import time
 import jax
 import numpy as np
 
-from scaling import cadence, checkpoint, models, progress, resources, schedule, sharding
-from scaling import metrics as metrics_lib
-from scaling import record as record_lib
-from scaling.metrics import write_json
+from scaling import models, sharding
+from scaling.training import cadence, checkpoint, progress, resources, schedule
+from scaling.training import metrics as metrics_lib
+from scaling.training import record as record_lib
+from scaling.training.metrics import write_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Trials: config -> data -> model -> compiled chunk -> the loop -> summary.json.
 
 `run(config, workdir)` is one trial, `run_group` M >= 1 of them through one chunk program (a
-trial alone is a group of one; scaling/vectorized.py vmaps the chunk over M): it builds what the
-stages need and hands them to scaling/loop.py's train_loop.
+trial alone is a group of one; scaling/training/vectorized.py vmaps the chunk over M): it builds what the
+stages need and hands them to scaling/training/loop.py's train_loop.
 The training data live on the devices (replicated; they are small) and `chunk_steps` steps run per
-dispatch in one program (scaling/chunk.py), so Python overhead does not dominate small batches;
-scaling/loop.py dispatches the chunks, evaluates, measures curvature, checkpoints and records.
+dispatch in one program (scaling/training/chunk.py), so Python overhead does not dominate small batches;
+scaling/training/loop.py dispatches the chunks, evaluates, measures curvature, checkpoints and records.
 `chunk_unroll` unrolls the chunk's steps: XLA:CPU runs convolutions inside a loop, or inside a
 lax.cond, far slower than unrolled (benchmarks/README.md: unrolled chunks), so CNN configs on CPU
 unroll short chunks and compile one per distinct length.
@@ -22,14 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import checkpoint, data, loop, models, schedule, sharding, step as steplib
-from scaling import chunk as chunklib
-from scaling import measure as measure_lib
-from scaling import memory, resources, vectorized
-from scaling import metrics as metrics_lib
-from scaling import record as record_lib
+from scaling import data, models, sharding, streams
 from scaling.config import ConfigError, check_fields
-from scaling.metrics import write_json
+from scaling.measurement import measure as measure_lib
+from scaling.streams import Stream
+from scaling.training import checkpoint, loop, schedule, step as steplib
+from scaling.training import chunk as chunklib
+from scaling.training import memory, resources, vectorized
+from scaling.training import metrics as metrics_lib
+from scaling.training import record as record_lib
+from scaling.training.metrics import write_json
 
 
 def _padded_eval_set(images, labels, eval_batch, mesh):
@@ -103,7 +105,7 @@ def abstract_train_state(config, model, optimizer, splits, mesh):
   state_sharding = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=state_sharding),
-      jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+      jax.eval_shape(init, streams.key(config.seed, Stream.INIT)))
   return abstract_state, init
 
 
@@ -254,7 +256,7 @@ def run_group(configs: list, workdirs: list[str], trial_ids: list[str] | None = 
               sweep_axes: list[dict] | None = None,
               memory_limit_bytes: int | None = None) -> list[dict]:
   """Trains M >= 1 trials, each in its own workdir, through one chunk program: alone (M = 1), or
-  vmapped (scaling/vectorized.py: configs that differ only in its VMAPPED_FIELDS). Returns their
+  vmapped (scaling/training/vectorized.py: configs that differ only in its VMAPPED_FIELDS). Returns their
   summaries. Members restored at different steps train as successive groups."""
   M, first = len(configs), configs[0]
   trial_ids, sweep_axes = trial_ids or ["trial"] * M, sweep_axes or [{}] * M
@@ -282,7 +284,7 @@ def run_group(configs: list, workdirs: list[str], trial_ids: list[str] | None = 
       resolved = trial_record(config, plan, mesh, splits, abstract_state, tid, axes)
       ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
                                      asynchronous=config.checkpoint.asynchronous)
-      rng = jax.random.PRNGKey(config.seed)
+      rng = streams.key(config.seed, Stream.INIT)
       step, state, record = start_or_resume(config, workdir, resolved, ckpts, abstract_state,
                                             lambda: init_fn(rng))
       record.step_cap = plan.total_steps

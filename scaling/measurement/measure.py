@@ -3,7 +3,7 @@
 The loss is the mean cross-entropy over a fixed subset of the training data (the first
 `curvature.subset_size` examples, so every measurement of every trial sees the same points), in
 eval mode for BatchNorm, sharded over the training mesh like a batch. The measurements are the
-pure functions of scaling.curvature, each jitted once; each is timed and logged as a cost in
+pure functions of scaling.measurement.curvature, each jitted once; each is timed and logged as a cost in
 training steps so that a schedule can be chosen knowingly.
 
 Offline, from a trial's checkpoint: scaling/measure_checkpoint.py.
@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import curvature, sharding
+from scaling import sharding, streams
+from scaling.measurement import curvature
 from scaling.models import cross_entropy_B, mask_like
+from scaling.streams import Stream
 
 
 def _subset(splits, size: int, mesh):
@@ -41,7 +43,7 @@ class Measure:
   def __init__(self, cc, model, splits, mesh, seed: int):
     self.cc = cc
     self.images, self.labels, self.weights = _subset(splits, cc.subset_size, mesh)
-    self.key = jax.random.PRNGKey(seed + 2_000_003)
+    self.key = streams.key(seed, Stream.PROBES)
     self.top_vector = None
     self._compiled = {}
 
@@ -69,7 +71,7 @@ class Measure:
     """This measurement (its compiled functions shared) with its own probe key and warm start:
     one per member of a vectorised group, as a trial alone of that seed would have."""
     view = copy.copy(self)
-    view.key, view.top_vector = jax.random.PRNGKey(seed + 2_000_003), None
+    view.key, view.top_vector = streams.key(seed, Stream.PROBES), None
     return view
 
   def _top(self, state, v0, step_seconds) -> dict:
