@@ -159,13 +159,21 @@ def loglog_slope(batch_sizes, lrs, grid_step=LR_GRID_STEP):
 
 def lr_rule(rows, label=""):
   """The tuned LR's log-log slope over the lower and the upper half of the batch sizes reached
-  (sharing the middle one when their number is odd)."""
+  (sharing the middle one when their number is odd), on bracketed optima only: an optimum at the
+  edge of its LR grid is a bound, not a value (the report says so), so it cannot place a slope.
+  Domain: at least 5 batch sizes whose tuned LR lies inside its grid."""
   claim = f"the tuned LR follows neither the linear nor the sqrt rule over the whole range{label}"
-  rule = ("slope of log LR vs log B on each half of the range; a rule (exponent 1 or 0.5) fails if "
-          "it is > 2 SE from the slope on some half; CONFIRMED if both fail")
-  pts = _reached(rows)
+  rule = ("on the batch sizes whose tuned LR is bracketed by its grid (need 5): slope of log LR vs"
+          " log B on each half of their range; a rule (exponent 1 or 0.5) fails if it is > 2 SE"
+          " from the slope on some half; CONFIRMED if both fail, NOT CONFIRMED if one holds on"
+          " both halves")
+  reached = _reached(rows)
+  pts = [r for r in reached if not r["lr_at_edge"]]
+  edges = " ".join(f"{r['batch_size']}:{r['lr_at_edge']}" for r in reached if r["lr_at_edge"])
   if len(pts) < 5:
-    return common.decide(claim, None, f"{len(pts)} batch sizes reached, need 5", rule)
+    return common.decide(
+        claim, None, f"not tested: {len(pts)} of {len(reached)} batch sizes reached have a"
+        f" bracketed LR optimum, need 5" + (f" (at the grid edge: {edges})" if edges else ""), rule)
   half = (len(pts) + 1) // 2
   ranges = [pts[:half], pts[len(pts) - half:]]
   fails, parts = {1.0: False, 0.5: False}, []
@@ -173,11 +181,12 @@ def lr_rule(rows, label=""):
     slope, se = loglog_slope([r["batch_size"] for r in part], [r["lr"] for r in part])
     for exponent in fails:
       fails[exponent] |= abs(slope - exponent) > 2 * se
-    edges = sum(bool(r["lr_at_edge"]) for r in part)
     parts.append(f"B {part[0]['batch_size']}..{part[-1]['batch_size']}: slope {slope:.2f} "
-                 f"+- {se:.2f} ({edges} of {len(part)} at the grid edge)")
+                 f"+- {se:.2f}")
   lrs = " ".join(f"{r['batch_size']}:{r['lr']:.3g}" for r in pts)
   evidence = "; ".join(parts) + f"; linear fails: {fails[1.0]}, sqrt fails: {fails[0.5]}; LR {lrs}"
+  if edges:
+    evidence += f"; left out at the grid edge: {edges}"
   return common.decide(claim, fails[1.0] and fails[0.5], evidence, rule)
 
 

@@ -91,6 +91,27 @@ def test_lr_rule_inconclusive_with_four_batch_sizes():
   assert shallue.lr_rule(rows).outcome == common.INCONCLUSIVE
 
 
+def test_lr_rule_reads_bracketed_optima_only():
+  """Linear then flat, as CONFIRMED above, but the flat part's optima sit at the grid's top edge
+  (bounds: the best LR may lie above them): with 4 bracketed optima left it tests nothing; with
+  those edge optima left out of a longer range the slope comes from bracketed ones alone."""
+  lrs = [0.01 * min(b, 512) / 32 for b in B]
+  rows = rows_from_curve(B, curve(70.0, 300.0), lrs=lrs)
+  for r in rows[4:]:
+    r["lr_at_edge"] = "high"
+  v = shallue.lr_rule(rows)
+  assert v.outcome == common.INCONCLUSIVE, v.line()
+  assert "not tested: 4 of 9 batch sizes reached have a bracketed LR optimum, need 5" in v.evidence
+  assert "8192:high" in v.evidence
+  # Only 2048..8192 at the edge: the bracketed B = 32..1024 are linear up to 512, then one flat
+  # step; within 2 SE the linear rule holds on both halves (32..128, 256..1024): NOT CONFIRMED.
+  for r in rows[4:6]:
+    r["lr_at_edge"] = ""
+  v = shallue.lr_rule(rows)
+  assert v.outcome == common.NOT_CONFIRMED, v.line()
+  assert "left out at the grid edge: 2048:high 4096:high 8192:high" in v.evidence
+
+
 def test_momentum_extends():
   m = rows_from_curve(B, curve(70.0, 1000.0))
   s = rows_from_curve(B, curve(300.0, 100.0), optimizer="sgd")
