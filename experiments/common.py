@@ -11,11 +11,15 @@ printed and written to <workdir>/verdicts.json.
 """
 import dataclasses
 import os
+import platform
+import resource
+import subprocess
 import sys
 import time
 import types
 
 from absl import app, flags, logging
+import jax
 import ml_collections
 
 from scaling import sweep
@@ -38,10 +42,53 @@ class Verdict:
     return f"{self.outcome}: {self.claim} -- {self.evidence} [rule: {self.rule}]"
 
 
-def decide(claim: str, holds: bool | None, evidence: str, rule: str) -> Verdict:
-  """holds: True/False from the rule, None where the data cannot decide (too few points...)."""
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """One condition under which a run can test a claim, stated before the run (in the module, as
+  a constant, and in experiments/README.md): `what` must satisfy `needed`; `measured` is the value
+  this run had. E.g. Condition("optimizer steps of the largest arm", 3, ">= 100", False)."""
+  what: str
+  measured: object
+  needed: str
+  met: bool
+
+  def text(self) -> str:
+    measured = f"{self.measured:.4g}" if isinstance(self.measured, float) else self.measured
+    return f"{self.what} {measured}, need {self.needed}"
+
+
+def at_least(what: str, measured, minimum) -> Condition:
+  return Condition(what, measured, f">= {minimum:g}", measured >= minimum)
+
+
+def at_most(what: str, measured, maximum) -> Condition:
+  return Condition(what, measured, f"<= {maximum:g}", measured <= maximum)
+
+
+def decide(claim: str, holds: bool | None, evidence: str, rule: str,
+           domain: list[Condition] = ()) -> Verdict:
+  """holds: True/False from the rule, None where the data cannot decide (too few points...).
+  domain: the conditions under which this run can test the claim; where one is unmet the verdict
+  is INCONCLUSIVE, its evidence opening with "not tested: <condition, measured value>" (the rule's
+  numbers follow, for the record), whatever the rule said."""
+  unmet = [c for c in domain if not c.met]
+  if domain:
+    rule += "; tested only where " + "; ".join(f"{c.what} {c.needed}" for c in domain)
+  if unmet:
+    return Verdict(claim, INCONCLUSIVE,
+                   "not tested: " + "; ".join(c.text() for c in unmet) + " | " + evidence, rule)
   outcome = INCONCLUSIVE if holds is None else CONFIRMED if holds else NOT_CONFIRMED
   return Verdict(claim, outcome, evidence, rule)
+
+
+def magnitude(measured: tuple[float, float], paper: float, fraction: float) -> bool | None:
+  """The magnitude half of a claim whose paper gives a size: True when the measured effect's
+  interval (lo, hi) lies at or above `fraction` x the paper's effect, False when it lies entirely
+  below, None when it straddles. Effects are in the units the caller chose (a log ratio, points of
+  error): the direction is a separate line."""
+  lo, hi = measured
+  bar = fraction * paper
+  return True if lo >= bar else False if hi < bar else None
 
 
 def define_flags(flag_values: flags.FlagValues, add_flags=None,
@@ -101,17 +148,46 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[results.T
   return results.load_trials(workdir)
 
 
-def finish(workdir: str, verdicts: list[Verdict], started: float) -> None:
-  """Prints the verdict lines and writes them (with the wall time) to <workdir>/verdicts.json,
+def provenance(started: float, scale: str) -> dict:
+  """Where and when a run's numbers came from: the git commit (and whether the tree had
+  uncommitted changes), the date, the machine, the scale, wall time and CPU-seconds (this process
+  and its children, user + sys)."""
+  def git(*argv):
+    try:
+      return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  cpu_model = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu_model = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu_model)
+  except OSError:
+    pass
+  usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+  return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain",
+                                                                              "--untracked-files=no")),
+          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scale": scale,
+          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model}),"
+                     f" {jax.default_backend()} backend, {jax.device_count()} devices",
+          "wall_time_s": round(time.time() - started, 1),
+          "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in usage), 1)}
+
+
+def finish(workdir: str, verdicts: list[Verdict], started: float, scale: str = "") -> None:
+  """Prints the verdict lines and writes them, with their provenance, to <workdir>/verdicts.json,
   making the workdir if no sweep did (McCandlish's, given --shallue_workdir, runs none there)."""
   os.makedirs(workdir, exist_ok=True)
   for v in verdicts:
     print(v.line())
-  wall = time.time() - started
-  print(f"wall time {wall:.0f} s; verdicts in {os.path.join(workdir, 'verdicts.json')}, each "
-        f"sweep's report in its {results.REPORT_DIR}/index.html under {workdir}")
+  origin = provenance(started, scale)
+  print(f"wall time {origin['wall_time_s']:.0f} s, {origin['cpu_seconds']:.0f} CPU-s; verdicts in"
+        f" {os.path.join(workdir, 'verdicts.json')}, each sweep's report in its"
+        f" {results.REPORT_DIR}/index.html under {workdir}")
   metrics.write_json(os.path.join(workdir, "verdicts.json"),
-                     {"wall_time_s": wall, "verdicts": [dataclasses.asdict(v) for v in verdicts]})
+                     {"wall_time_s": origin["wall_time_s"], "provenance": origin,
+                      "verdicts": [dataclasses.asdict(v) for v in verdicts]})
 
 
 def run_experiment(run, args: types.SimpleNamespace) -> None:
@@ -121,7 +197,7 @@ def run_experiment(run, args: types.SimpleNamespace) -> None:
     verdicts = run(args)
   except ConfigError as error:
     sys.exit(f"config error: {error}")
-  finish(args.workdir, verdicts, started)
+  finish(args.workdir, verdicts, started, args.scale)
 
 
 def main(run, add_flags=None) -> None:
