@@ -16,6 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from scaling import measure_checkpoint
+from scaling.analysis import results, study
 from scaling.measurement import frozen_noise as fn
 from scaling.training import step as steplib, train
 
@@ -150,6 +151,33 @@ def test_measure_checkpoint_writes_the_noise_scale_with_standard_errors(trial):
   # The trial's own groups (config.json: G = 2 of batch 16).
   assert (noise["noise/frozen_num_draws"], noise["noise/frozen_b_small"],
           noise["noise/frozen_b_big"]) == (50, 8, 16)
+
+
+def test_the_report_reads_b_simple_at_the_target_at_frozen_parameters(trial):
+  """The trial stops at its target and checkpoints there: once measure_checkpoint has measured
+  that checkpoint, the best-per-batch row and the fit take B_simple at frozen parameters (the EMA's
+  value kept beside); without the file they fall back to the EMA, labelled so."""
+  process = cli("scaling.measure_checkpoint", f"--workdir={trial}", "--noise_draws=20",
+                "--nocurvature")
+  assert process.returncode == 0, process.stderr[-3000:]
+  (loaded,) = results.load_trials(os.path.dirname(os.path.dirname(trial)))
+  (path,) = glob.glob(os.path.join(trial, "noise_*.json"))
+  with open(path) as f:
+    noise = json.load(f)
+  assert loaded.reached and noise["step"] == loaded.steps_to_target
+  (row,) = study.best_per_batch([loaded])
+  assert row["b_simple_at_target_source"] == "frozen parameters"
+  assert row["b_simple_at_target"] == noise["noise/frozen_b_simple"]
+  assert row["b_simple_at_target_stderr"] == noise["noise/frozen_b_simple_stderr"]
+  assert row["b_simple_ema_at_target"] == loaded.at_target["noise/b_simple"]
+  assert row["b_simple_ema_at_target"] != row["b_simple_at_target"]
+  os.rename(path, path + ".away")
+  try:
+    (row,) = study.best_per_batch(results.load_trials(os.path.dirname(os.path.dirname(trial))))
+  finally:
+    os.rename(path + ".away", path)
+  assert row["b_simple_at_target_source"] == "EMA"
+  assert row["b_simple_at_target"] == loaded.at_target["noise/b_simple"]
 
 
 @pytest.mark.parametrize("flag,words", [("--noise_draws=1", "--noise_draws=1: give at least 2"),

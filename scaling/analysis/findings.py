@@ -169,13 +169,18 @@ def _fit_sentence(fit, rows):
 
 
 def _noise_sentence(fit, rows, trials):
-  used = sorted((r for r in rows if r["outcome"] == "reached" and r["b_simple_at_target"]),
+  frozen = fit.get("b_simple_at_target_source") == "frozen parameters"
+  used = sorted((r for r in rows if r["outcome"] == "reached" and r["b_simple_at_target"]
+                 and (not frozen or r["b_simple_at_target_source"] == "frozen parameters")),
                 key=lambda r: r["batch_size"])
   if not used:
     return "The gradient noise scale B_simple was not recorded at the target, so it cannot be " \
            "compared with B_crit."
   med = fit["b_simple_at_target"]
-  text = (f"B_simple at the target (when each best trial first reached it: equal loss) has median "
+  how = ("measured at the frozen parameters of each best trial's target checkpoint (McCandlish et"
+         " al.'s unbiased two-batch-size estimators over many independent batches)" if frozen else
+         "read from the training EMA when each best trial first reached it")
+  text = (f"B_simple at the target (equal loss), {how}, has median "
           f"{med:.3g} over {len(used)} batch sizes (range {fit['b_simple_at_target_min']:.3g}-"
           f"{fit['b_simple_at_target_max']:.3g}; {used[0]['b_simple_at_target']:.3g} at "
           f"B = {used[0]['batch_size']}, {used[-1]['b_simple_at_target']:.3g} at "
@@ -187,7 +192,7 @@ def _noise_sentence(fit, rows, trials):
              "B_crit ≈ B_noise, which B_simple approximates)")
   decay = {results.get(t.config, "noise_scale.ema_decay") for t in trials}
   decay = decay.pop() if len(decay) == 1 else None
-  if isinstance(decay, (int, float)) and 0 < decay < 1:
+  if not frozen and isinstance(decay, (int, float)) and 0 < decay < 1:
     window = 1 / (1 - decay)
     # The EMA runs from step 0: the steps since then are S plus the warmup.
     short = [r["batch_size"] for r in used

@@ -61,6 +61,8 @@ def trial_table(trials):
         "b_simple_final": f.get("noise/b_simple"),
         "b_simple_median": float(np.median(b_simple)) if len(b_simple) else None,
         "b_simple_at_target": t.at_target.get("noise/b_simple"),
+        "b_simple_frozen_at_target": t.at_target.get("noise/frozen_b_simple"),
+        "b_simple_frozen_at_target_stderr": t.at_target.get("noise/frozen_b_simple_stderr"),
         "b_simple_window_examples": _ema_window_examples(t),
         "top_eigenvalue_at_target": t.at_target.get("curvature/top_eigenvalue"),
         "hessian_trace_at_target": t.at_target.get("curvature/hessian_trace"),
@@ -188,6 +190,7 @@ def _key_numbers(fits):
                b_crit_95_seeds=_interval(f, "b_crit"),
                b_crit_95_batchboot=_interval(f, "b_crit_batchboot"),
                b_simple_at_target=_b_simple_range(f),
+               b_simple_at_target_source=f["b_simple_at_target_source"],
                s_min=_pm(f["s_min"], f["s_min_err"]), s_min_95_seeds=_interval(f, "s_min"),
                s_min_95_batchboot=_interval(f, "s_min_batchboot"),
                e_min=_pm(f["e_min"], f["e_min_err"]), e_min_95_seeds=_interval(f, "e_min"),
@@ -255,7 +258,9 @@ def _index_html(workdir, trials, trows, best_rows, fits, images, notes):
       " resampled, then seeds within each), which also holds the points' scatter about the"
       " curve. B_crit = inf where a replicate still scales perfectly at the largest B."
       " <i>b_simple_at_target</i>: B_simple = tr(Σ)/|G|² when "
-      "each best trial first reached the target, median [min, max] over batch sizes; its EMA "
+      "each best trial first reached the target, median [min, max] over batch sizes, at that"
+      " checkpoint's frozen parameters where `measure_checkpoint --noise_draws` measured it"
+      " (<i>b_simple_at_target_source</i>), else from the training EMA, which lags: it "
       "averages over ~1/(1-decay) steps = "
       f"{h(', '.join(f'B={b}: {w:.3g}' for b, w in windows[:1] + windows[-1:]) or '?')} examples."
       " <i>perfect_scaling_up_to</i>: the largest batch size up to which every batch size "

@@ -239,14 +239,23 @@ def eval_interval(records, metric):
   return float(np.median(np.diff(steps))) if len(steps) > 1 else None
 
 
-def _at_target(records, summary_target, steps):
-  """Summary's record at the target (train.py writes it), else the last B_simple logged by then."""
+def _at_target(path, records, summary_target, steps):
+  """Summary's record at the target (train.py writes it), else the last B_simple logged by then;
+  plus the noise scale at frozen parameters (`noise/frozen_*`) where `measure_checkpoint
+  --noise_draws` measured the checkpoint of the target step (noise_<step>.json: a trial that
+  stops at its target checkpoints there). The EMA's `noise/b_simple` is the trace over training:
+  it lags, averaging the gradients of the ~1/(1 - ema_decay) steps before."""
   at = dict(summary_target.get("at") or {})
   if "noise/b_simple" not in at and steps is not None:
     logged = [r["noise/b_simple"] for r in records if r.get("step", math.inf) <= steps
               and isinstance(r.get("noise/b_simple"), (int, float))]
     if logged:
       at["noise/b_simple"] = float(logged[-1])
+  if steps is not None:
+    frozen = read_json(os.path.join(path, f"noise_{steps}.json"))
+    if isinstance(frozen, dict) and frozen.get("step") == steps:
+      at.update((k, float(v)) for k, v in frozen.items()
+                if k.startswith("noise/frozen_") and isinstance(v, (int, float)))
   return at
 
 
@@ -309,7 +318,7 @@ def _load_trial(path):
       setting={k: v for k, v in (config.get("sweep_axes") or {}).items() if k not in NOT_TUNED},
       lr_multiplier=float(get(config, "lr_multiplier", 1.0)), stop_reason=s.get("stop_reason"),
       step_cap=s.get("step_cap", get(config, "derived.total_steps")),
-      at_target=_at_target(records, target, steps), eval_interval=eval_interval(records, metric),
+      at_target=_at_target(path, records, target, steps), eval_interval=eval_interval(records, metric),
       cost={k: s.get(k) for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes",
                                   "memory_source")})
 

@@ -129,6 +129,24 @@ def _select_best(points):
   return min(reached, key=lambda p: (p[0], p[1] if p[1] is not None else math.inf))[2]
 
 
+def _b_simple_at_target(reached):
+  """B_simple at the target over a setting's seeds that reached it: at frozen parameters where
+  every one was measured there (McCandlish et al.'s App. A.1 estimators over many draws, with a
+  standard error: `measure_checkpoint --noise_draws`), else the training EMA (source 'EMA', which
+  lags: it still averages the gradients of the steps before). The EMA's value is kept beside."""
+  frozen = [t.at_target.get("noise/frozen_b_simple") for t in reached]
+  ema = median_of(t.at_target.get("noise/b_simple") for t in reached)
+  if reached and all(isinstance(v, float) for v in frozen):
+    stderr = [t.at_target.get("noise/frozen_b_simple_stderr", math.nan) for t in reached]
+    return dict(b_simple_at_target=median_of(frozen), b_simple_ema_at_target=ema,
+                b_simple_at_target_source="frozen parameters",
+                # the median's error as the mean's: an upper bound's order for 1-3 seeds
+                b_simple_at_target_stderr=float(np.sqrt(np.sum(np.square(stderr)))) / len(stderr))
+  return dict(b_simple_at_target=ema, b_simple_ema_at_target=ema,
+              b_simple_at_target_source="EMA" if ema is not None else "",
+              b_simple_at_target_stderr=None)
+
+
 def best_per_batch(trials, tolerance=PERFECT_SCALING_TOLERANCE):
   """One row per (group, batch size): the best point over the tuned settings (Shallue's rule).
 
@@ -164,7 +182,9 @@ def best_per_batch(trials, tolerance=PERFECT_SCALING_TOLERANCE):
                  steps_to_target=None, steps_min=None, steps_max=None, steps_first_eval=None,
                  eval_interval=median_of(t.eval_interval for t in ts),
                  examples_to_target=None, examples_ratio=None, perfect_scaling=False,
-                 b_simple_at_target=None, wall_time_to_target=None, examples_per_sec=None,
+                 b_simple_at_target=None, b_simple_at_target_stderr=None,
+                 b_simple_at_target_source="", b_simple_ema_at_target=None,
+                 wall_time_to_target=None, examples_per_sec=None,
                  compile_seconds=None, peak_memory_bytes=None, _seed_steps=seed_steps,
                  _seed_ids={k: tuple(t.seed for t in v) for k, v in by_setting.items()})
       if best_key:
@@ -185,7 +205,7 @@ def best_per_batch(trials, tolerance=PERFECT_SCALING_TOLERANCE):
                                        for t in reached),
             examples_to_target=median * bs, examples_ratio=ratio,
             perfect_scaling=holding,
-            b_simple_at_target=median_of(t.at_target.get("noise/b_simple") for t in reached),
+            **_b_simple_at_target(reached),
             wall_time_to_target=median_of(t.at_target.get("wall_time") for t in reached),
             **{k: median_of(t.cost.get(k) for t in best_ts)
                for k in ("examples_per_sec", "compile_seconds", "peak_memory_bytes")})
@@ -305,7 +325,10 @@ def fit_table(best_rows, replicates=BOOTSTRAP_REPLICATES):
           f"B = {', '.join(map(str, during_warmup))} reached the target during warmup (S = 0): "
           "left out of the fit")]))
     held = [r["batch_size"] for r in g if r["perfect_scaling"]]
-    b_simple = [r["b_simple_at_target"] for r in used if r["b_simple_at_target"] is not None]
+    # At frozen parameters where any batch size was measured so (the EMA lags), else the EMA's.
+    frozen = [r for r in used if r["b_simple_at_target_source"] == "frozen parameters"]
+    b_simple = [r["b_simple_at_target"] for r in (frozen or used)
+                if r["b_simple_at_target"] is not None]
     rows.append(dict(
         group=group, lr_rule=g[0]["lr_rule"], optimizer=g[0]["optimizer"], **fit,
         bootstrap_replicates=len(boot), batchboot_replicates=len(batchboot),
@@ -315,6 +338,9 @@ def fit_table(best_rows, replicates=BOOTSTRAP_REPLICATES):
         b_simple_at_target=float(np.median(b_simple)) if b_simple else None,
         b_simple_at_target_min=min(b_simple, default=None),
         b_simple_at_target_max=max(b_simple, default=None),
+        b_simple_at_target_source=("frozen parameters" if frozen else "EMA") if b_simple else "",
+        b_simple_at_target_batch_sizes=" ".join(
+            str(r["batch_size"]) for r in (frozen or used) if r["b_simple_at_target"] is not None),
         fitted_batch_sizes=" ".join(str(r["batch_size"]) for r in used),
         censored_batch_sizes=" ".join(str(r["batch_size"]) for r in g if r["outcome"] != "reached"),
         lr_at_edge=" ".join(str(r["batch_size"]) for r in used if r["lr_at_edge"]),
