@@ -3,16 +3,26 @@
     python -m experiments.mccandlish --workdir=runs/mccandlish [--scale=...] \\
         [--shallue_workdir=runs/shallue]
 
-No second sweep: it reads experiments/shallue.py's sweeps in --shallue_workdir (default
-<workdir>/shallue), running or resuming its momentum part where absent (finished trials are
-skipped), and uses every part found there (plain SGD too, after `shallue --part=sgd`). Every trial there
-measures B_simple = tr(Sigma)/|G|^2 during training (G = 2 gradient groups per step, an EMA over
-~1/(1 - ema_decay) steps, scaling/measurement/noise_scale.py); B_crit is fitted from the best steps per batch
-size (scaling/analysis/study.py). Claims, per optimizer group:
-1. B_crit is of the order of B_simple at the target loss (`crit_vs_simple`);
-2. B_simple grows as the loss falls during training (`grows_as_loss_falls`);
+It reads experiments/shallue.py's sweeps in --shallue_workdir (default <workdir>/shallue),
+running or resuming its momentum part where absent (finished trials are skipped), and uses every
+part found there (plain SGD too, after `shallue --part=sgd`). B_crit is fitted from the best steps
+per batch size (scaling/analysis/study.py). B_simple = tr(Sigma)/|G|^2 is measured at frozen
+parameters (scaling/measurement/frozen_noise.py: McCandlish's App. A.1 two-batch-size unbiased
+estimators over many independent draws, with standard errors), not read from the training EMA,
+which averages the gradients of the ~1/(1 - ema_decay) steps before and so lags: where the target
+comes within that window the EMA averages higher-loss gradients, and a lagging trace of a constant
+B_simple already "grows as the loss falls". Claims, per optimizer group:
+1. B_crit is of the order of B_simple at the target loss (`crit_vs_simple`): B_simple at the
+   target checkpoint of each batch size's best trial (the Shallue trials stop at the target and
+   checkpoint there);
+2. B_simple grows as the loss falls during training (`grows_as_loss_falls`): B_simple along a
+   ladder of checkpoints of one long small-batch trial (<workdir>/ladder/<data set>: the
+   smallest batch size's momentum config, trained past the target);
 3. the measured points lie on (S/S_min - 1)(E/E_min - 1) = 1 (`hyperbola`).
+Measurements are cached as noise_<step>.json in the trial's directory (scaling.measure_checkpoint's
+file) and reused where present.
 """
+import copy
 import math
 import os
 
@@ -21,12 +31,89 @@ import numpy as np
 from scipy import stats
 
 from experiments import common, shallue
+from scaling import measure_checkpoint
+from scaling.analysis import results
+from scaling.config import ConfigError
 
 ORDER_OF = 10.0          # "of the order of": B_crit / B_simple within [1/10, 10]
-EMA_WINDOWS = 3          # B_simple is read only after this many EMA windows of steps
-MIN_RECORDS = 6          # records (after the first EMA window) for a rank correlation
+EMA_WINDOWS = 3          # the EMA trace (evidence only) is read after this many EMA windows
 FIT_GOOD, FIT_BAD = 1.25, 1.5   # rms factor between measured and fitted steps
+# Pre-registered domains (experiments/README.md states them too).
+MIN_BRACKETED = 5        # batch sizes reached with a bracketed LR optimum: the B_crit fit's points
+MAX_REL_SE = 0.2         # frozen B_simple's relative standard error, at every batch size measured
+MIN_LADDER = 4           # ladder checkpoints measured
+MIN_LOSS_SPAN = 2.0      # highest / lowest training loss over the ladder
+# Frozen B_simple per scale: (examples per draw, draws), each draw cut into 2 groups. A property
+# of the parameters, not of the trial's batch size; B = 1024 keeps |G|^2 resolved where B_simple
+# is ~100-500 (a draw of the ladder's B = 16 would be all noise). ~8 CPU-s a checkpoint at `here`
+# (most of it compilation), relative SE ~1% on an untrained MLP.
+NOISE = {"smoke": (64, 4), "here": (1024, 200), "paper": (1024, 400)}
+# The ladder per scale: (steps between checkpoints, checkpoints, train_eval_size: the fixed train
+# subset whose loss, evaluated at each checkpoint, places it on the loss axis).
+LADDER = {"smoke": (8, 3, 256), "here": (400, 8, 5000), "paper": (1000, 8, 5000)}
+BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED = 1000, 0
 
+
+# ---- frozen-parameter measurements (JAX) ----
+
+def frozen_b_simple(trial_dir, step, scale):
+  """(B_simple, its standard error) at the parameters of the trial's checkpoint at `step`: from
+  noise_<step>.json where present (whatever measured it), else measured (NOISE[scale]) and
+  written there. None where that checkpoint was not saved."""
+  found = results.read_json(os.path.join(trial_dir, f"noise_{step}.json"))
+  if not (isinstance(found, dict) and found.get("step") == step):
+    try:
+      config, model, splits, _, step, state = measure_checkpoint.restore(trial_dir, str(step))
+    except ConfigError:
+      return None
+    config.batch_size, draws = NOISE[scale]
+    found = measure_checkpoint.measure_noise(trial_dir, config, model, splits, step, state, draws,
+                                             groups=2)
+  return found["noise/frozen_b_simple"], found["noise/frozen_b_simple_stderr"]
+
+
+def frozen_at_target(rows, trials, scale):
+  """{batch size: (B_simple, SE)} at the target checkpoint of each reached batch size's best
+  trial (a trial that stops at its target checkpoints at that step)."""
+  by_id = {t.trial_id: t for t in trials}
+  found = {}
+  for r in rows:
+    t = by_id.get(r["best_trial"])
+    if r["outcome"] == "reached" and t is not None:
+      value = frozen_b_simple(t.path, t.steps_to_target, scale)
+      if value is not None:
+        found[r["batch_size"]] = value
+  return found
+
+
+def ladder_config(sweep_config, scale):
+  """The sweep's smallest batch size at its LR centre, seed 0, trained past the target for
+  LADDER[scale] checkpoints, each with an evaluation of the training loss on a fixed subset."""
+  every, count, train_eval_size = LADDER[scale]
+  c = copy.deepcopy(sweep_config)
+  c.batch_size, c.base_lr = c.sweep_zip.batch_size[0], c.sweep_zip.base_lr[0]
+  c.sweep, c.sweep_zip = type(c.sweep)(), type(c.sweep_zip)()
+  c.seed, c.lr_multiplier = 0, 1.0
+  c.target.stop_at_target = False
+  c.budget.length, c.budget.unit = float(every * count), "steps"
+  c.eval_every.length, c.eval_every.unit = float(every), "steps"
+  c.checkpoint.every_steps, c.checkpoint.keep = every, count
+  c.train_eval_size = train_eval_size
+  return c
+
+
+def ladder_points(trial, scale):
+  """[(step, training loss on the fixed subset, B_simple, SE)] at the ladder's checkpoints."""
+  points = []
+  for r in trial.records:
+    if isinstance(r.get("train_eval/loss"), float) and r.get("step"):
+      value = frozen_b_simple(trial.path, r["step"], scale)
+      if value is not None:
+        points.append((r["step"], r["train_eval/loss"], *value))
+  return points
+
+
+# ---- the decision rules: pure functions of numbers ----
 
 def ema_steps(trial):
   decay = trial.config.get("noise_scale", {}).get("ema_decay", 0.99)
@@ -34,58 +121,84 @@ def ema_steps(trial):
 
 
 def b_simple_at_target(trials):
-  """B_simple at the target of the trials that reached it after >= EMA_WINDOWS EMA windows (in a
-  shorter run the EMA still averages the early, larger gradients: biased low): their median, n."""
+  """The training EMA's B_simple at the target (evidence only: the lagging trace) of the trials
+  that reached it after >= EMA_WINDOWS EMA windows: their median, n."""
   values = [t.at_target.get("noise/b_simple") for t in trials
             if t.reached and t.steps_to_target >= EMA_WINDOWS * ema_steps(t)]
   values = [v for v in values if isinstance(v, float) and math.isfinite(v) and v > 0]
   return (float(np.median(values)) if values else math.nan), len(values)
 
 
-def crit_vs_simple(fit, trials, label=""):
+def median_interval(values):
+  """(median, lo, hi): the median and its 95% bootstrap interval over the values (resampled)."""
+  values = np.asarray(values, float)
+  rng = np.random.default_rng(BOOTSTRAP_SEED)
+  medians = np.median(values[rng.integers(0, len(values), (BOOTSTRAP_REPLICATES, len(values)))],
+                      axis=1)
+  lo, hi = np.percentile(medians, (2.5, 97.5))
+  return float(np.median(values)), float(lo), float(hi)
+
+
+def crit_vs_simple(fit, rows, frozen, ema=(math.nan, 0), label=""):
+  """fit, rows: the group's fit_table and best_per_batch rows; frozen: {B: (B_simple, SE)} at
+  the best trials' target checkpoints; ema: (median, n) of the training EMA (evidence only)."""
   claim = f"B_crit is of the order of B_simple at the target{label}"
-  rule = (f"B_crit / B_simple within [1/{ORDER_OF:g}, {ORDER_OF:g}] over B_crit's 95% interval: "
-          "CONFIRMED; entirely outside: NOT CONFIRMED; else INCONCLUSIVE. B_simple: median at the "
-          f"target over trials reaching it after >= {EMA_WINDOWS} EMA windows")
-  b_simple, n = b_simple_at_target(trials)
-  b_crit, lo, hi = (fit.get(k, math.nan) for k in ("b_crit", "b_crit_lo", "b_crit_hi"))
-  evidence = (f"B_crit {b_crit:.0f} [{lo:.0f}, {hi:.0f}], B_simple {b_simple:.0f} ({n} trials): "
-              f"factor {b_crit / b_simple:.2f} [{lo / b_simple:.2f}, {hi / b_simple:.2f}]")
-  if not n or any(math.isnan(x) for x in (b_crit, lo, hi)):
-    return common.decide(claim, None, evidence, rule)
-  inside = lo / b_simple >= 1 / ORDER_OF and hi / b_simple <= ORDER_OF
-  outside = hi / b_simple < 1 / ORDER_OF or lo / b_simple > ORDER_OF
-  return common.decide(claim, True if inside else False if outside else None, evidence, rule)
+  rule = (f"B_crit / B_simple within [1/{ORDER_OF:g}, {ORDER_OF:g}] over the whole interval "
+          "[B_crit_lo / B_simple_hi, B_crit_hi / B_simple_lo]: CONFIRMED; entirely outside: NOT "
+          "CONFIRMED; else INCONCLUSIVE. B_simple: median over batch sizes of B_simple at frozen "
+          "parameters at each best trial's target checkpoint, 95% bootstrap over batch sizes; "
+          "B_crit: shallue.b_crit_interval")
+  rel = max((se / b if b > 0 else math.inf for b, se in frozen.values()), default=math.inf)
+  domain = [common.at_least("batch sizes reached with a bracketed LR optimum",
+                            len(shallue.bracketed(rows)), MIN_BRACKETED),
+            common.at_least("batch sizes measured at frozen parameters", len(frozen),
+                            MIN_BRACKETED),
+            common.at_most("largest relative SE of frozen B_simple", rel, MAX_REL_SE)]
+  lo, hi, interval = shallue.b_crit_interval(fit)
+  b_crit = fit.get("b_crit", math.nan)
+  ema_text = f"EMA trace (lagging, not the verdict's) {ema[0]:.0f} over {ema[1]} trials"
+  if not frozen:
+    return common.decide(claim, None, f"B_crit {b_crit:.0f} [{lo:.0f}, {hi:.0f}]; {ema_text}",
+                         rule, domain)
+  simple, s_lo, s_hi = median_interval([b for b, _ in frozen.values()])
+  f_lo, f_hi = lo / s_hi, hi / s_lo
+  evidence = (f"B_crit {b_crit:.0f} [{lo:.0f}, {hi:.0f}] ({interval}), B_simple {simple:.0f} "
+              f"[{s_lo:.0f}, {s_hi:.0f}] over {len(frozen)} batch sizes: factor "
+              f"{b_crit / simple:.2f} [{f_lo:.2f}, {f_hi:.2f}]; frozen B_simple per B "
+              + " ".join(f"{b}:{v:.0f}+-{se:.0f}" for b, (v, se) in sorted(frozen.items()))
+              + f"; {ema_text}")
+  if any(math.isnan(x) for x in (f_lo, f_hi)):
+    return common.decide(claim, None, evidence, rule, domain)
+  inside = f_lo >= 1 / ORDER_OF and f_hi <= ORDER_OF
+  outside = f_hi < 1 / ORDER_OF or f_lo > ORDER_OF
+  return common.decide(claim, True if inside else False if outside else None, evidence, rule,
+                       domain)
 
 
-def rank_correlation(trial):
-  """Spearman rho between B_simple and the training loss over a trial's log records after its
-  first EMA window; None with fewer than MIN_RECORDS."""
-  pairs = [(r["train/loss"], r["noise/b_simple"]) for r in trial.records
-           if r.get("step", 0) >= ema_steps(trial)
-           and all(isinstance(r.get(k), float) and math.isfinite(r[k])
-                   for k in ("train/loss", "noise/b_simple"))]
-  if len(pairs) < MIN_RECORDS:
-    return None
-  loss, b_simple = np.array(pairs).T
-  return float(stats.spearmanr(loss, b_simple).statistic)
-
-
-def grows_as_loss_falls(trials, label=""):
+def grows_as_loss_falls(ladder, label=""):
+  """ladder: [(step, training loss, B_simple, SE)] at frozen parameters along one trial."""
   claim = f"B_simple grows as the loss falls during training{label}"
-  rule = (f"Spearman rho(B_simple, train loss) per trial (records after one EMA window, >= "
-          f"{MIN_RECORDS}): CONFIRMED if the median rho <= -0.5 and >= 75% of trials have "
-          "rho < 0; NOT CONFIRMED if the median rho >= 0; else INCONCLUSIVE (also < 3 trials)")
-  rhos = [r for r in (rank_correlation(t) for t in trials if t.status == "done")
-          if r is not None and math.isfinite(r)]
-  if len(rhos) < 3:
-    return common.decide(claim, None, f"{len(rhos)} trials with enough records", rule)
-  median, negative = float(np.median(rhos)), float(np.mean(np.array(rhos) < 0))
-  evidence = (f"median rho {median:.2f} over {len(rhos)} trials (quartiles "
-              f"{np.percentile(rhos, 25):.2f}, {np.percentile(rhos, 75):.2f}); "
-              f"{100 * negative:.0f}% negative")
-  holds = True if median <= -0.5 and negative >= 0.75 else False if median >= 0 else None
-  return common.decide(claim, holds, evidence, rule)
+  rule = ("frozen B_simple along a ladder of checkpoints: CONFIRMED if B_simple at the lowest-loss"
+          " checkpoint exceeds that at the highest-loss one by > 2 combined SE and Spearman"
+          " rho(loss, B_simple) over the ladder < 0; NOT CONFIRMED if it is below it by > 2"
+          " combined SE; else INCONCLUSIVE")
+  losses = [loss for _, loss, _, _ in ladder]
+  span = max(losses) / min(losses) if ladder and min(losses) > 0 else 0.0
+  domain = [common.at_least("frozen-parameter ladder checkpoints", len(ladder), MIN_LADDER),
+            common.at_least("ladder loss span (highest / lowest)", span, MIN_LOSS_SPAN)]
+  if len(ladder) < 2:
+    return common.decide(claim, None, "no frozen-parameter ladder", rule, domain)
+  high = max(ladder, key=lambda p: p[1])
+  low = min(ladder, key=lambda p: p[1])
+  diff, se = low[2] - high[2], math.hypot(low[3], high[3])
+  rho = float(stats.spearmanr(losses, [p[2] for p in ladder]).statistic)
+  evidence = (f"B_simple {high[2]:.0f}+-{high[3]:.0f} at loss {high[1]:.3g} (step {high[0]}) -> "
+              f"{low[2]:.0f}+-{low[3]:.0f} at loss {low[1]:.3g} (step {low[0]}): difference "
+              f"{diff / se if se > 0 else math.inf:.1f} SE; Spearman rho(loss, B_simple) "
+              f"{rho:.2f} over {len(ladder)} checkpoints; step:loss:B_simple "
+              + " ".join(f"{s}:{loss:.3g}:{b:.0f}" for s, loss, b, _ in ladder))
+  holds = True if diff > 2 * se and rho < 0 else False if diff < -2 * se else None
+  return common.decide(claim, holds, evidence, rule, domain)
 
 
 def hyperbola(rows, fit, label=""):
@@ -96,10 +209,12 @@ def hyperbola(rows, fit, label=""):
           f"> log {FIT_BAD:g} NOT CONFIRMED, else INCONCLUSIVE; the product's median is shown "
           "where both factors are >= 1/4 (B_crit/4 <= B <= 4 B_crit)")
   pts = [r for r in rows if r["outcome"] == "reached"]
+  domain = [common.at_least("batch sizes reached with a bracketed LR optimum",
+                            len(shallue.bracketed(rows)), MIN_BRACKETED)]
   s_min, e_min = fit.get("s_min", math.nan), fit.get("e_min", math.nan)
   if len(pts) < 3 or not (s_min > 0 and e_min > 0):
     return common.decide(claim, None, f"{len(pts)} points, S_min={s_min:.3g}, E_min={e_min:.3g}",
-                         rule)
+                         rule, domain)
   b = np.array([r["batch_size"] for r in pts], float)
   s = np.array([r["steps_to_target"] for r in pts], float)
   product = (s / s_min - 1) * (b * s / e_min - 1)
@@ -107,12 +222,13 @@ def hyperbola(rows, fit, label=""):
   rms = float(np.sqrt(np.mean(log_resid**2)))
   b_crit = e_min / s_min
   mid = product[(b >= b_crit / 4) & (b <= 4 * b_crit)]
+  mid_median = np.median(mid) if len(mid) else math.nan
   evidence = (f"rms factor {math.exp(rms):.2f} (worst {math.exp(np.abs(log_resid).max()):.2f}) "
-              f"over {len(pts)} batch sizes; product median {np.median(mid) if len(mid) else math.nan:.2f}"
+              f"over {len(pts)} batch sizes; product median {mid_median:.2f}"
               f" over {len(mid)} mid-range points; products "
               + " ".join(f"{int(x)}:{p:.2f}" for x, p in zip(b, product)))
   holds = True if rms <= math.log(FIT_GOOD) else False if rms > math.log(FIT_BAD) else None
-  return common.decide(claim, holds, evidence, rule)
+  return common.decide(claim, holds, evidence, rule, domain)
 
 
 def add_flags(flag_values):
@@ -122,15 +238,24 @@ def add_flags(flag_values):
 
 def run(args):
   sweep_dir = args.shallue_workdir or os.path.join(args.workdir, "shallue")
+  configs = shallue.sweeps(args.scale, ("momentum",))
   verdicts = []
   found = shallue.run_sweeps(args.scale, sweep_dir, ("momentum",))
   for name, (trials, unfinished) in found.items():
+    ladder_dir = os.path.join(args.workdir, "ladder", name)
+    ladder_trial, = common.run_sweep(ladder_config(configs[(name, "momentum")], args.scale),
+                                     ladder_dir)
     _, rows, fits = shallue.analyse(trials)
     for optimizer in sorted(rows):
       group = [t for t in trials if t.optimizer == optimizer]
       label = f" ({optimizer}, {name})"
+      # The ladder is momentum's smallest batch size: plain SGD has none (not tested).
+      ladder = ladder_points(ladder_trial, args.scale) if optimizer == "momentum" else []
       verdicts += [shallue.guard(v, unfinished, (optimizer,)) for v in (
-          crit_vs_simple(fits[optimizer], group, label), grows_as_loss_falls(group, label),
+          crit_vs_simple(fits[optimizer], rows[optimizer],
+                         frozen_at_target(rows[optimizer], group, args.scale),
+                         b_simple_at_target(group), label),
+          grows_as_loss_falls(ladder, label),
           hyperbola(rows[optimizer], fits[optimizer], label))]
   return verdicts
 

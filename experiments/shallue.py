@@ -6,10 +6,12 @@
 The protocol is theirs (and the default study's, configs/mnist_sweep.py): at every batch size a
 learning-rate grid around a per-batch-size centre, each trial stopping at the target validation
 error with a step cap, steps to target interpolated, the best point per batch size, the fit
-S = S_min (1 + B_crit / B) with a bootstrap interval (scaling/analysis/study.py). Momentum SGD and plain SGD
-are two sub-sweeps (<workdir>/<data set>/momentum and .../sgd); the verdicts use every part found.
+S = S_min (1 + B_crit / B) with a bootstrap interval (scaling/analysis/study.py). Momentum SGD and
+plain SGD are two sub-sweeps (<workdir>/<data set>/momentum and .../sgd); the verdicts use every
+part found.
 
-Claims and the rules that decide them (functions below, tested on exact synthetic curves):
+Claims and the rules that decide them (functions below, tested on exact synthetic curves), each
+with its pre-registered domain (constants below; unmet: INCONCLUSIVE "not tested: ..."):
 1. three regimes: perfect scaling, diminishing returns, maximal data parallelism (`three_regimes`);
 2. the tuned LR follows neither the linear nor the sqrt rule across the whole range (`lr_rule`);
 3. momentum extends perfect scaling compared with plain SGD (`momentum_extends`).
@@ -18,7 +20,8 @@ Scales. paper: their simple CNN on MNIST (target 0.01) and Fashion-MNIST (0.1), 
 7 LR multipliers, 3 seeds. here: the MLP on MNIST at a 4% target (the CNN runs ~100 examples/s on
 this CPU: one 1%-target trial would take the whole budget; Fashion-MNIST is left to `paper`), in
 two parts of <= 20 CPU-minutes each: --part=momentum is the default study itself, --part=sgd
-plain SGD beside it. smoke: mnist_tiny, seconds.
+plain SGD beside it. The momentum part's 2 seeds leave claim 1 "not tested" (3 needed at B_max/4
+and B_max). smoke: mnist_tiny, seconds; it meets no domain.
 """
 import math
 import os
@@ -112,36 +115,105 @@ def sweeps(scale, parts=PARTS):
 
 # ---- the decision rules: pure functions of best_per_batch rows and fit_table rows ----
 
+# Pre-registered domains (experiments/README.md states them too).
+MIN_BATCH_SIZES = 4         # batch sizes reached, for a curve with three regimes (and per part)
+MIN_BRACKETED = 5           # bracketed LR optima, for the LR rule's two half-range slopes
+MIN_FLAT_SEEDS = 3          # seeds at B_max/4 and B_max: "flat" is judged against their spread
+# "Flat": S(B_max/4)/S(B_max)'s interval over seed pairs within [1/1.25, 1.25]; entirely outside,
+# a significant fall (still scaling) or rise (steps 70 -> 93 is 0.75) of the steps: not flat.
+FLAT_TOLERANCE = 1.25
+
+
 def _reached(rows):
   return sorted((r for r in rows if r["outcome"] == "reached"), key=lambda r: r["batch_size"])
+
+
+def bracketed(rows):
+  """The reached rows whose tuned LR lies inside its grid (an optimum at the grid's edge is a
+  bound, not a value: the best LR may lie beyond it)."""
+  return [r for r in _reached(rows) if not r["lr_at_edge"]]
+
+
+def edges(rows):
+  """'B:edge ...' for the reached rows whose tuned LR sits at its grid's edge ('' if none)."""
+  return " ".join(f"{r['batch_size']}:{r['lr_at_edge']}" for r in _reached(rows) if r["lr_at_edge"])
+
+
+def seed_steps(row):
+  """The best setting's S per seed (infinite for a seed that did not reach the target)."""
+  return np.asarray(row["_seed_steps"][row["best_setting"]], float)
+
+
+def b_crit_interval(fit):
+  """(lo, hi, name) of B_crit's 95% interval: the seed bootstrap's where every fitted batch size
+  has >= study.MIN_SEEDS seeds; else the batch-size bootstrap's, which rests on the points'
+  scatter about the curve, not on seed spread (with 1-2 seeds the seed interval is ~a point)."""
+  if fit.get("few_seed_batch_sizes"):
+    return (fit.get("b_crit_batchboot_lo", math.nan), fit.get("b_crit_batchboot_hi", math.nan),
+            "batch-size bootstrap")
+  return fit.get("b_crit_lo", math.nan), fit.get("b_crit_hi", math.nan), "seed bootstrap"
+
+
+def flat_ratio(quarter, top):
+  """S(B_max/4)/S(B_max) from two rows: (median ratio, lo, hi, flat), lo..hi the ratios over
+  every pair of seeds (the seed ranges' interval). flat: True when the interval lies within
+  [1/FLAT_TOLERANCE, FLAT_TOLERANCE] (any fall or rise of the steps is within the tolerance);
+  False when it lies entirely beyond it, above (the steps still fall: not yet maximal) or below
+  (they rise: 70 -> 93 steps is 0.75); None when it straddles a bound: the seeds cannot tell."""
+  q, m = seed_steps(quarter), seed_steps(top)
+  ratio = quarter["steps_to_target"] / top["steps_to_target"]
+  with np.errstate(invalid="ignore"):
+    lo, hi = float(q.min() / m.max()), float(q.max() / m.min())
+  if math.isnan(lo) or math.isnan(hi):   # inf / inf: seeds that never reached on both sides
+    return ratio, lo, hi, None
+  within = 1 / FLAT_TOLERANCE <= lo and hi <= FLAT_TOLERANCE
+  beyond = lo > FLAT_TOLERANCE or hi < 1 / FLAT_TOLERANCE
+  return ratio, lo, hi, True if within else False if beyond else None
 
 
 def three_regimes(rows, fit, label=""):
   """rows: one group's best_per_batch rows; fit: its fit_table row. Each end of the curve is read
   twice, from the measured points and from the fitted curve's 95% interval; the fitted
-  E(B)/E_min = 1 + B/B_crit and S(B)/S_min = 1 + B_crit/B are within 1.25 beyond 4x B_crit."""
+  E(B)/E_min = 1 + B/B_crit and S(B)/S_min = 1 + B_crit/B are within 1.25 beyond 4x B_crit.
+  Domain: >= MIN_BATCH_SIZES reached, B_max/4 among them, bracketed LR optima at the batch sizes
+  read (B_min, 2 B_min, B_max/4, B_max), >= MIN_FLAT_SEEDS seeds at B_max/4 and B_max."""
   claim = f"three regimes of steps vs batch size{label}"
   rule = ("perfect scaling: measured examples within 1.2x of the smallest B's over >= 1 doubling "
-          "and B_crit_lo >= 4 B_min; maximal data parallelism: measured S(B_max/4)/S(B_max) <= 1.25 "
-          "and B_max >= 4 B_crit_hi; diminishing returns between (B_crit's interval inside the range)")
+          "and B_crit_lo >= 4 B_min; maximal data parallelism: S(B_max/4)/S(B_max) flat (its "
+          f"interval over seed pairs within [1/{FLAT_TOLERANCE:g}, {FLAT_TOLERANCE:g}]; entirely"
+          " beyond it, a significant fall or rise of the steps: not flat) and B_max >= "
+          "4 B_crit_hi; diminishing returns between (B_crit's interval inside the range). "
+          "CONFIRMED if both ends hold, NOT CONFIRMED if either fails, else INCONCLUSIVE")
   pts = _reached(rows)
-  nan = math.nan
-  b_crit, lo, hi = (fit.get(k, nan) for k in ("b_crit", "b_crit_lo", "b_crit_hi"))
-  if len(pts) < 4:
-    return common.decide(claim, None, f"{len(pts)} batch sizes reached, need 4", rule)
-  # A NaN fit (S_min <= 0: still perfect scaling at B_max; E_min <= 0) fails the comparisons.
-  steps = {r["batch_size"]: r["steps_to_target"] for r in pts}
-  b_min, b_max = pts[0]["batch_size"], pts[-1]["batch_size"]
+  by_b = {r["batch_size"]: r for r in pts}
+  b_min, b_max = (pts[0]["batch_size"], pts[-1]["batch_size"]) if pts else (0, 0)
+  read = [by_b[b] for b in dict.fromkeys((b_min, 2 * b_min, b_max // 4, b_max)) if b in by_b]
+  quarter, top = by_b.get(b_max // 4), by_b.get(b_max)
+  domain = [common.at_least("batch sizes reached", len(pts), MIN_BATCH_SIZES),
+            common.Condition("B_max/4 reached", b_max // 4 if quarter else "no", "yes",
+                             quarter is not None),
+            common.Condition("LR optima at a grid edge among the batch sizes read (B_min, 2 B_min,"
+                             " B_max/4, B_max)", edges(read) or "none", "none", not edges(read)),
+            common.at_least(f"seeds at B_max/4 and B_max ({b_max // 4}, {b_max})",
+                            min((len(seed_steps(r)) for r in (quarter, top) if r), default=0),
+                            MIN_FLAT_SEEDS)]
+  if not (quarter and len(pts) >= 2):
+    return common.decide(claim, None, f"{len(pts)} batch sizes reached", rule, domain)
+  lo, hi, interval = b_crit_interval(fit)
+  steps = {b: r["steps_to_target"] for b, r in by_b.items()}
   perfect_to = fit.get("perfect_scaling_up_to") or 0
-  quarter = steps.get(b_max // 4)
-  flat_ratio = quarter / steps[b_max] if quarter else nan
+  ratio, ratio_lo, ratio_hi, flat = flat_ratio(quarter, top)
+  # A NaN fit (S_min <= 0: still perfect scaling at B_max; E_min <= 0) fails the comparisons.
   perfect = perfect_to >= 2 * b_min and lo >= 4 * b_min
-  flat = flat_ratio <= 1.25 and b_max >= 4 * hi
+  beyond = b_max >= 4 * hi
+  holds = (False if not perfect or not beyond or flat is False else
+           True if flat else None)
   evidence = (f"perfect scaling (measured) B={b_min}..{perfect_to}; S({b_max // 4})/S({b_max})="
-              f"{flat_ratio:.2f}; B_crit={b_crit:.0f} [{lo:.0f}, {hi:.0f}], "
-              f"S_min={fit.get('s_min', nan):.0f}; steps "
+              f"{ratio:.2f} [{ratio_lo:.2f}, {ratio_hi:.2f}] over seed pairs (flat: {flat}); "
+              f"B_crit={fit.get('b_crit', math.nan):.0f} [{lo:.0f}, {hi:.0f}] ({interval}), "
+              f"S_min={fit.get('s_min', math.nan):.0f}; steps "
               + " ".join(f"{b}:{s:.0f}" for b, s in steps.items()))
-  return common.decide(claim, perfect and flat, evidence, rule)
+  return common.decide(claim, holds, evidence, rule, domain)
 
 
 def loglog_slope(batch_sizes, lrs, grid_step=LR_GRID_STEP):
@@ -159,21 +231,19 @@ def loglog_slope(batch_sizes, lrs, grid_step=LR_GRID_STEP):
 
 def lr_rule(rows, label=""):
   """The tuned LR's log-log slope over the lower and the upper half of the batch sizes reached
-  (sharing the middle one when their number is odd), on bracketed optima only: an optimum at the
-  edge of its LR grid is a bound, not a value (the report says so), so it cannot place a slope.
-  Domain: at least 5 batch sizes whose tuned LR lies inside its grid."""
+  (sharing the middle one when their number is odd), on bracketed optima only (`bracketed`).
+  Domain: at least MIN_BRACKETED batch sizes whose tuned LR lies inside its grid."""
   claim = f"the tuned LR follows neither the linear nor the sqrt rule over the whole range{label}"
-  rule = ("on the batch sizes whose tuned LR is bracketed by its grid (need 5): slope of log LR vs"
+  rule = ("on the batch sizes whose tuned LR is bracketed by its grid: slope of log LR vs"
           " log B on each half of their range; a rule (exponent 1 or 0.5) fails if it is > 2 SE"
           " from the slope on some half; CONFIRMED if both fail, NOT CONFIRMED if one holds on"
           " both halves")
-  reached = _reached(rows)
-  pts = [r for r in reached if not r["lr_at_edge"]]
-  edges = " ".join(f"{r['batch_size']}:{r['lr_at_edge']}" for r in reached if r["lr_at_edge"])
-  if len(pts) < 5:
-    return common.decide(
-        claim, None, f"not tested: {len(pts)} of {len(reached)} batch sizes reached have a"
-        f" bracketed LR optimum, need 5" + (f" (at the grid edge: {edges})" if edges else ""), rule)
+  pts, at_edge = bracketed(rows), edges(rows)
+  what = (f"batch sizes reached with a bracketed LR optimum (of {len(_reached(rows))} reached;"
+          f" at the grid edge: {at_edge or 'none'})")
+  domain = [common.at_least(what, len(pts), MIN_BRACKETED)]
+  if len(pts) < 3:
+    return common.decide(claim, None, f"{len(pts)} bracketed optima", rule, domain)
   half = (len(pts) + 1) // 2
   ranges = [pts[:half], pts[len(pts) - half:]]
   fails, parts = {1.0: False, 0.5: False}, []
@@ -185,34 +255,47 @@ def lr_rule(rows, label=""):
                  f"+- {se:.2f}")
   lrs = " ".join(f"{r['batch_size']}:{r['lr']:.3g}" for r in pts)
   evidence = "; ".join(parts) + f"; linear fails: {fails[1.0]}, sqrt fails: {fails[0.5]}; LR {lrs}"
-  if edges:
-    evidence += f"; left out at the grid edge: {edges}"
-  return common.decide(claim, fails[1.0] and fails[0.5], evidence, rule)
+  if at_edge:
+    evidence += f"; left out at the grid edge: {at_edge}"
+  return common.decide(claim, fails[1.0] and fails[0.5], evidence, rule, domain)
 
 
 def momentum_extends(fit_momentum, fit_sgd, rows_momentum, rows_sgd):
+  """Momentum's B_crit interval against plain SGD's, and their perfect-scaling extents. The two
+  parts run on different LR grids, so the comparison is tested only where every batch size both
+  reached has a bracketed optimum in both, and each part reached >= MIN_BATCH_SIZES."""
   claim = "momentum extends perfect scaling compared with plain SGD"
   rule = ("CONFIRMED if momentum's 95% B_crit interval lies above SGD's and its perfect-scaling "
           "extent is >= SGD's; NOT CONFIRMED if it lies below, or the intervals overlap and "
-          "momentum's extent is smaller; else INCONCLUSIVE")
-  m_lo, m_hi = fit_momentum.get("b_crit_lo", math.nan), fit_momentum.get("b_crit_hi", math.nan)
-  s_lo, s_hi = fit_sgd.get("b_crit_lo", math.nan), fit_sgd.get("b_crit_hi", math.nan)
+          "momentum's extent is smaller; else INCONCLUSIVE. Intervals: the seed bootstrap's with "
+          f">= {study.MIN_SEEDS} seeds per batch size, else the batch-size bootstrap's")
+  m_lo, m_hi, m_interval = b_crit_interval(fit_momentum)
+  s_lo, s_hi, s_interval = b_crit_interval(fit_sgd)
   ext_m = fit_momentum.get("perfect_scaling_up_to") or 0
   ext_s = fit_sgd.get("perfect_scaling_up_to") or 0
-  steps_m = {r["batch_size"]: r["steps_to_target"] for r in _reached(rows_momentum)}
-  steps_s = {r["batch_size"]: r["steps_to_target"] for r in _reached(rows_sgd)}
-  ratios = " ".join(f"{b}:{steps_s[b] / steps_m[b]:.2f}" for b in sorted(steps_m) if b in steps_s)
+  reached_m, reached_s = _reached(rows_momentum), _reached(rows_sgd)
+  steps_m = {r["batch_size"]: r["steps_to_target"] for r in reached_m}
+  steps_s = {r["batch_size"]: r["steps_to_target"] for r in reached_s}
+  both = [b for b in sorted(steps_m) if b in steps_s]
+  at_edge = " ".join(f"{r['optimizer']} {r['batch_size']}:{r['lr_at_edge']}"
+                     for r in reached_m + reached_s if r["batch_size"] in both and r["lr_at_edge"])
+  domain = [common.at_least("batch sizes reached by momentum", len(reached_m), MIN_BATCH_SIZES),
+            common.at_least("batch sizes reached by plain SGD", len(reached_s), MIN_BATCH_SIZES),
+            common.Condition("LR optima at a grid edge among the batch sizes compared "
+                             f"({' '.join(map(str, both)) or 'none'})", at_edge or "none", "none",
+                             not at_edge)]
+  ratios = " ".join(f"{b}:{steps_s[b] / steps_m[b]:.2f}" for b in both)
   evidence = (f"B_crit momentum {fit_momentum.get('b_crit', math.nan):.0f} [{m_lo:.0f}, "
-              f"{m_hi:.0f}] vs SGD {fit_sgd.get('b_crit', math.nan):.0f} [{s_lo:.0f}, {s_hi:.0f}]; "
-              f"perfect scaling up to B={ext_m} vs {ext_s}; S_min "
-              f"{fit_momentum.get('s_min', math.nan):.0f} vs {fit_sgd.get('s_min', math.nan):.0f}; "
-              f"steps SGD/momentum per B {ratios}")
+              f"{m_hi:.0f}] ({m_interval}) vs SGD {fit_sgd.get('b_crit', math.nan):.0f} "
+              f"[{s_lo:.0f}, {s_hi:.0f}] ({s_interval}); perfect scaling up to B={ext_m} vs "
+              f"{ext_s}; S_min {fit_momentum.get('s_min', math.nan):.0f} vs "
+              f"{fit_sgd.get('s_min', math.nan):.0f}; steps SGD/momentum per B {ratios}")
   if any(math.isnan(x) for x in (m_lo, m_hi, s_lo, s_hi)):   # +inf: perfect scaling throughout
-    return common.decide(claim, None, evidence, rule)
+    return common.decide(claim, None, evidence, rule, domain)
   above, below = m_lo > s_hi, m_hi < s_lo
   holds = (True if above and ext_m >= ext_s else
            False if below or (not above and ext_m < ext_s) else None)
-  return common.decide(claim, holds, evidence, rule)
+  return common.decide(claim, holds, evidence, rule, domain)
 
 
 def by_optimizer(rows):
@@ -227,8 +310,8 @@ def guard(verdict, unfinished, parts):
   notes = [f"{p} sweep unfinished: {unfinished[p]}" for p in parts if unfinished.get(p)]
   if not notes:
     return verdict
-  return common.Verdict(verdict.claim, common.INCONCLUSIVE,
-                        "; ".join(notes) + "; so far: " + verdict.evidence, verdict.rule)
+  return common.Verdict(verdict.claim, common.INCONCLUSIVE, "not tested: " + "; ".join(notes)
+                        + " | so far: " + verdict.evidence, verdict.rule)
 
 
 def analyse(trials, label="", unfinished=None):
@@ -247,9 +330,10 @@ def analyse(trials, label="", unfinished=None):
     v = momentum_extends(fits["momentum"], fits["sgd"], rows["momentum"], rows["sgd"])
     v = common.Verdict(v.claim + label, v.outcome, v.evidence, v.rule)
   else:
+    found = [p for p in PARTS if p in rows]
     v = common.decide("momentum extends perfect scaling compared with plain SGD" + label, None,
-                      "momentum and plain-SGD trials both needed: run --part=momentum and "
-                      "--part=sgd", "needs both parts")
+                      "run --part=momentum and --part=sgd", "needs both parts", [common.Condition(
+                          "parts found", " ".join(found) or "none", "momentum and sgd", False)])
   verdicts.append(guard(v, unfinished, PARTS))
   return verdicts, rows, fits
 
