@@ -1,6 +1,7 @@
 """One smoke run of an experiment module (`--scale=smoke` in a temporary workdir) and the checks
 every experiment promises: one well-formed verdict line per claim, printed and in verdicts.json
-(the same lines), and each sweep's report. The verdicts' outcomes mean nothing at this scale."""
+(the same lines), and each sweep's report. A smoke run can test no claim, so every line must say
+INCONCLUSIVE and name the domain conditions it did not meet ("not tested: ...")."""
 import json
 import os
 
@@ -27,7 +28,8 @@ def run_smoke(module, workdir, capsys, monkeypatch, *, claims: int, reports=("",
     saved = json.load(f)["verdicts"]
   assert len(printed) == len(saved) == claims, out
   for line, verdict in zip(printed, saved):
-    assert verdict["outcome"] in OUTCOMES, verdict
+    assert verdict["outcome"] == common.INCONCLUSIVE, verdict
+    assert verdict["evidence"].startswith("not tested: "), verdict
     assert all(isinstance(verdict[k], str) and verdict[k] for k in ("claim", "evidence", "rule"))
     assert line == common.Verdict(**verdict).line()
   for report in reports:
