@@ -150,8 +150,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[results.T
 
 def provenance(started: float, scale: str) -> dict:
   """Where and when a run's numbers came from: the git commit (and whether the tree had
-  uncommitted changes), the date, the machine, the scale, wall time and CPU-seconds (this process
-  and its children, user + sys)."""
+  uncommitted changes), the date, the machine and its load, the scale, wall time and CPU-seconds
+  (this process and its children, user + sys)."""
   def git(*argv):
     try:
       return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
@@ -171,6 +171,8 @@ def provenance(started: float, scale: str) -> dict:
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scale": scale,
           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model}),"
                      f" {jax.default_backend()} backend, {jax.device_count()} devices",
+          # Other processes on the machine stretch the wall time (not the CPU-seconds much).
+          "load_average": "{:.1f} (1 min), {:.1f} (15 min) at the end".format(*os.getloadavg()[::2]),
           "wall_time_s": round(time.time() - started, 1),
           "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in usage), 1)}
 

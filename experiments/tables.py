@@ -58,8 +58,9 @@ def load(root: str, name: str) -> dict | None:
 
 def origin(result: dict) -> str:
   p = result["provenance"]
+  load = f", load average {p['load_average']}" if p.get("load_average") else ""
   return (f"`--scale={p['scale']}` at commit {p['commit'][:10]}, {p['date']}, {p['machine']};"
-          f" {p['cpu_seconds'] / 60:.1f} CPU-min, {p['wall_time_s'] / 60:.1f} min wall")
+          f" {p['cpu_seconds'] / 60:.1f} CPU-min, {p['wall_time_s'] / 60:.1f} min wall{load}")
 
 
 def command(name: str) -> str:
@@ -100,7 +101,7 @@ def default_study_block(root: str, style: str) -> str:
   else:
     text = [f"Measured ({RESULTS}/default_study: {origin(result)}):", *result["findings"]]
   if style == "markdown":
-    return "\n".join(text)
+    return "\n".join([text[0], ""] + [f"- {t}" for t in text[1:]])
   return "\n".join(textwrap.fill(t.replace("`", ""), 100) for t in text)
 
 
