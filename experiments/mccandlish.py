@@ -58,15 +58,20 @@ BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED = 1000, 0
 
 def frozen_b_simple(trial_dir, step, scale):
   """(B_simple, its standard error) at the parameters of the trial's checkpoint at `step`: from
-  noise_<step>.json where present (whatever measured it), else measured (NOISE[scale]) and
-  written there. None where that checkpoint was not saved."""
+  noise_<step>.json where it was measured with NOISE[scale] (examples per draw, draws), else
+  measured so and written there (a file of another protocol, e.g. `measure_checkpoint
+  --noise_draws` at the trial's own batch size, is replaced). None where that checkpoint was not
+  saved."""
   found = results.read_json(os.path.join(trial_dir, f"noise_{step}.json"))
-  if not (isinstance(found, dict) and found.get("step") == step):
+  examples, draws = NOISE[scale]
+  if not (isinstance(found, dict) and found.get("step") == step
+          and found.get("noise/frozen_b_big") == examples
+          and found.get("noise/frozen_num_draws") == draws):
     try:
       config, model, splits, _, step, state = measure_checkpoint.restore(trial_dir, str(step))
     except ConfigError:
       return None
-    config.batch_size, draws = NOISE[scale]
+    config.batch_size = examples
     found = measure_checkpoint.measure_noise(trial_dir, config, model, splits, step, state, draws,
                                              groups=2)
   return found["noise/frozen_b_simple"], found["noise/frozen_b_simple_stderr"]

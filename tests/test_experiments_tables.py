@@ -103,3 +103,21 @@ def test_record_refuses_a_run_it_cannot_trace(tmp_path, provenance, says):
   with pytest.raises(tables.RecordError, match=says):
     tables.record("keskar", workdir, root)
   assert not os.path.exists(os.path.join(root, tables.RESULTS))
+
+
+@pytest.mark.heavy   # CI's heavy pass: ~40 CPU-s
+def test_the_default_study_records_its_provenance_findings_and_frozen_b_simple(tmp_path, capsys):
+  from experiments import common, default_study, mccandlish
+  args = common.parse_args([f"--workdir={tmp_path}", "--scale=smoke"])
+  common.run_experiment(default_study.run, args)
+  with open(tmp_path / "verdicts.json") as f:
+    saved = json.load(f)
+  assert saved["verdicts"] == [] and saved["provenance"]["scale"] == "smoke"
+  assert saved["provenance"]["cpu_seconds"] > 0 and len(saved["provenance"]["commit"]) == 40
+  with open(tmp_path / "findings.json") as f:
+    findings = json.load(f)["findings"]
+  assert any("measured at the frozen parameters" in s for s in findings), findings
+  examples, draws = mccandlish.NOISE["smoke"]
+  noise = [json.load(open(p)) for p in tmp_path.glob("trials/*/noise_*.json")]
+  assert noise and all((n["noise/frozen_b_big"], n["noise/frozen_num_draws"]) == (examples, draws)
+                       for n in noise)
