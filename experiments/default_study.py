@@ -47,8 +47,12 @@ def run(args) -> list[common.Verdict]:
   sentences = findings.findings(trials, rows, study.fit_table(rows))
   for sentence in sentences:
     print(sentence)
+  # verdicts.json's CPU time is this process's: a resumed sweep's trials may have trained in
+  # an earlier one. Their own wall times (summary.json) say what the whole study took.
   metrics.write_json(f"{args.workdir}/findings.json",
-                     {"findings": sentences, "report": f"{results.REPORT_DIR}/index.html"})
+                     {"findings": sentences, "report": f"{results.REPORT_DIR}/index.html",
+                      "trials": len(trials),
+                      "trials_wall_time_s": round(sum(t.wall_time for t in trials), 1)})
   return []
 
 

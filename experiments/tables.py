@@ -43,7 +43,8 @@ class RecordError(Exception):
 
 
 def load(root: str, name: str) -> dict | None:
-  """experiments/results/<name>/verdicts.json (+ findings.json's findings), None if absent."""
+  """experiments/results/<name>/verdicts.json, with findings.json (a study's findings and trial
+  times) as its 'study' where there is one; None if absent."""
   path = os.path.join(root, RESULTS, name, "verdicts.json")
   if not os.path.exists(path):
     return None
@@ -52,7 +53,7 @@ def load(root: str, name: str) -> dict | None:
   findings = os.path.join(root, RESULTS, name, "findings.json")
   if os.path.exists(findings):
     with open(findings) as f:
-      out["findings"] = json.load(f)["findings"]
+      out["study"] = json.load(f)
   return out
 
 
@@ -99,7 +100,11 @@ def default_study_block(root: str, style: str) -> str:
   if result is None:
     text = [missing("default_study")]
   else:
-    text = [f"Measured ({RESULTS}/default_study: {origin(result)}):", *result["findings"]]
+    study = result["study"]
+    trained = (f"; the {study['trials']} trials' own wall times sum to"
+               f" {study['trials_wall_time_s'] / 60:.1f} min (a resumed sweep's trials may have"
+               " trained in an earlier process)" if "trials_wall_time_s" in study else "")
+    text = [f"Measured ({RESULTS}/default_study: {origin(result)}{trained}):", *study["findings"]]
   if style == "markdown":
     return "\n".join([text[0], ""] + [f"- {t}" for t in text[1:]])
   return "\n".join(textwrap.fill(t.replace("`", ""), 100) for t in text)
