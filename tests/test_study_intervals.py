@@ -139,3 +139,15 @@ def test_settings_sharing_seeds_are_resampled_together():
   unpaired = [(bs, settings, False) for bs, settings, _ in doubled]
   assert not np.array_equal(study.seed_bootstrap_fit(single, 300),
                             study.seed_bootstrap_fit(unpaired, 300))
+
+
+def test_a_target_reached_during_warmup_is_named_not_a_crash():
+  """The smallest batch size reaches the target within its warmup (S = 0 after it), so no
+  examples ratio exists: the findings say so (they raised a TypeError formatting None)."""
+  trials = [make_trial(bs, seed, steps, warmup=20) for bs, steps in ((64, 15.0), (512, 18.0),
+                                                                      (1024, 40.0))
+            for seed in (0, 1)]
+  rows = study.best_per_batch(trials)
+  assert [r["examples_ratio"] for r in rows] == [None, None, 1.0]
+  sentence = findings._regime_sentence(rows, study.PERFECT_SCALING_TOLERANCE)
+  assert "cannot be judged: B = 64, 512 reached the target during warmup" in sentence, sentence

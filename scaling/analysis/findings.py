@@ -71,8 +71,13 @@ def _regime_sentence(rows, tolerance):
                  f"B = {smallest}) held up to B = {perfect[-1]}")
   else:
     nxt = sorted((r for r in reached if r["batch_size"] > smallest), key=lambda r: r["batch_size"])
-    parts.append(f"perfect scaling was not seen: at B = {nxt[0]['batch_size']} the examples to "
-                 f"target were already {nxt[0]['examples_ratio']:.2f}x those at B = {smallest}")
+    if nxt[0]["examples_ratio"] is None:   # S = 0 at either: the target came during warmup
+      during = [r["batch_size"] for r in reached if r["steps_to_target"] <= 0]
+      parts.append(f"perfect scaling cannot be judged: {_b_list(during)} reached the target during"
+                   " warmup (no steps after it to compare)")
+    else:
+      parts.append(f"perfect scaling was not seen: at B = {nxt[0]['batch_size']} the examples to "
+                   f"target were already {nxt[0]['examples_ratio']:.2f}x those at B = {smallest}")
   if diminishing:
     steps = {r["batch_size"]: r["steps_to_target"] for r in reached}
     order = sorted(steps)
